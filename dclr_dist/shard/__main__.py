@@ -1,0 +1,138 @@
+"""``python -m dclr_dist.shard``: pack videos into WebDataset shards, or write the synthetic corpus."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from dclr_dist import storage
+from dclr_dist.config import ConfigError, ShardConfig, load_config
+
+_EPILOG = """\
+examples:
+  python -m dclr_dist.shard --input UCF-101/ --output s3://my-bucket/ucf101/train
+  python -m dclr_dist.shard --input manifest.csv --split test --output shards/ucf101-test
+  python -m dclr_dist.shard synth --output shards/synth-videos     (see: synth --help)
+
+object storage: s3:// URLs use the standard AWS environment (AWS_ENDPOINT_URL for MinIO,
+Ceph, R2 and other S3-compatible stores; AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or
+AWS_PROFILE). --ray uses the cluster in RAY_ADDRESS, or starts a local one.
+
+output: <prefix>-000000.tar ... (each sample is <key>.mp4 + <key>.json), index.json
+(written last: a folder without it is unfinished) and rejects.jsonl (every input that
+could not be packed, with the reason). Re-running the same command resumes an interrupted
+run. Format: shards/README.md.
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def _bytes(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 512MB, 1GiB)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+
+
+def _pack_parser() -> argparse.ArgumentParser:
+    d = ShardConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m dclr_dist.shard",
+        description="Pack a video corpus into WebDataset tar shards on local disk or S3-compatible "
+                    "object storage. Each video is re-encoded to a small H.264 mp4 sized for DCLR's "
+                    "112x112 crops, with a JSON record of its label and provenance.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="IN",
+                   help="class folders (IN/<class>/<video>, as UCF-101 and HMDB-51 ship) or a .csv/.jsonl "
+                        "manifest with path,label[,split] (relative paths are relative to the manifest; "
+                        "extra columns are kept in the record's meta)")
+    p.add_argument("--output", required=True, metavar="OUT", help="a local folder or s3://bucket/prefix")
+    p.add_argument("--split", help="pack only the manifest rows of this split (e.g. train)")
+    p.add_argument("--config", metavar="FILE.yaml", help="read encoding settings from the shard: section "
+                   "of a dclr-dist config; the flags below override it")
+    g = p.add_argument_group("encoding (defaults fit 16x112x112 clips)")
+    g.add_argument("--short-side", type=int, help=f"resize so the shorter side is this many pixels (default {d.short_side})")
+    g.add_argument("--fps", type=float, help="lower the frame rate to at most this (default: keep the source's)")
+    g.add_argument("--crf", type=int, help=f"x264 quality, 0-51, lower is better and bigger (default {d.crf})")
+    g.add_argument("--gop", type=int, help=f"keyframe interval in frames; a clip read decodes at most this many "
+                   f"frames it does not use (default {d.gop})")
+    g.add_argument("--preset", help=f"x264 speed preset (default {d.preset})")
+    g.add_argument("--max-seconds", type=float, help=f"cut sources after this many seconds (default {d.max_seconds:g})")
+    g = p.add_argument_group("shards")
+    g.add_argument("--max-samples", type=int, help=f"samples per shard at most (default {d.max_samples})")
+    g.add_argument("--max-bytes", type=_bytes, help=f"video bytes per shard at most, e.g. 512MB "
+                   f"(default {d.max_bytes // 2**20}MiB; one larger video gets a shard of its own)")
+    g.add_argument("--prefix", help=f"shard name prefix (default {d.prefix})")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="local transcoding processes (default: all cores)")
+    g.add_argument("--ray", action="store_true",
+                   help="transcode on a Ray cluster instead (RAY_ADDRESS, or a local one); inputs must be "
+                        "readable from every node (shared file system or s3:// manifest rows)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing packing in OUT")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
+    return p
+
+
+_FLAGS = ("short_side", "fps", "crf", "gop", "preset", "max_seconds", "max_samples", "max_bytes", "prefix")
+
+
+def _pack(argv: list[str]) -> int:
+    from dclr_dist.shard.pack import PackError, pack
+
+    args = _pack_parser().parse_args(argv)
+    try:
+        overrides = [f"shard.{k}={getattr(args, k)}" for k in _FLAGS if getattr(args, k) is not None]
+        cfg = load_config(args.config, overrides).shard
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        result = pack(args.input, args.output, cfg, split=args.split, workers=args.workers,
+                      use_ray=args.ray, overwrite=args.overwrite, progress=not args.no_progress)
+    except (PackError, storage.StorageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    index = result.index
+    mb = index["bytes"] / 1e6
+    line = (f"packed {index['samples']} of {index['inputs']} inputs into {len(index['shards'])} shards "
+            f"({mb:.1f} MB, {len(index['classes'])} classes) at {args.output}")
+    if result.already_complete:
+        line += " (already complete: nothing to do)"
+    elif result.resumed_shards:
+        line += f"; kept {result.resumed_shards} shards from an earlier run"
+    print(line)
+    if index["rejected"]:
+        reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
+        print(f"rejected {index['rejected']} inputs ({reasons}); see {storage.join(args.output, 'rejects.jsonl')}")
+    return 0
+
+
+def _synth(argv: list[str]) -> int:
+    from dclr_dist.shard import synth
+
+    p = argparse.ArgumentParser(
+        prog="python -m dclr_dist.shard synth",
+        description="Write the synthetic scene-bias corpus: class folders of mp4s where the class is the "
+                    "motion of a foreground object and the background scene is drawn independently of "
+                    "the class, from train and test scene pools that do not overlap. Pack it with "
+                    "`python -m dclr_dist.shard --input OUT/manifest.csv --split train ...`.")
+    synth.add_arguments(p)
+    return synth.run(p.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "synth":
+        return _synth(argv[1:])
+    return _pack(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

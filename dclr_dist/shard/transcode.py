@@ -1,0 +1,145 @@
+"""Re-encode one source video into the small H.264 mp4 that a shard stores.
+
+Runs in a worker process (local pool or Ray task): it returns bytes and a record, or a
+reason why the input cannot be packed. It never raises for bad input, because one corrupt
+file among millions must cost one line in ``rejects.jsonl``, not the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+
+from dclr_dist import storage
+from dclr_dist.config import ShardConfig
+
+
+@dataclass
+class Encoded:
+    mp4: bytes
+    sha256: str  # of the source file, so a record can be traced back to its exact input
+    fps: float
+    frames: int
+    width: int
+    height: int
+    duration: float
+    # Frames decoded before the source broke off; the record says so instead of hiding it.
+    partial: str | None = None
+
+
+@dataclass
+class Rejected:
+    reason: str
+
+
+def _output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    # Every sample gets the same short side (upscaling small sources too), so the loader's
+    # crops see one scale; sizes stay even because yuv420p needs it.
+    scale = short_side / min(width, height)
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2)) * 2)
+    return even(width * scale), even(height * scale)
+
+
+def _hash_source(source: str) -> tuple[str, io.BytesIO | str]:
+    """sha256 of the source, and what to hand to PyAV (a path, or the bytes of an S3 object)."""
+    digest = hashlib.sha256()
+    if storage.is_s3(source):
+        data = storage.read_bytes(source)
+        digest.update(data)
+        return digest.hexdigest(), io.BytesIO(data)
+    path = storage.local_path(source)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest(), str(path)
+
+
+def transcode(source: str, cfg: ShardConfig) -> Encoded | Rejected:
+    try:
+        sha, handle = _hash_source(source)
+    except FileNotFoundError:
+        return Rejected("file not found")
+    except (PermissionError, IsADirectoryError) as e:
+        return Rejected(f"unreadable: {e.strerror or e}")
+    except storage.StorageError as e:
+        return Rejected(f"unreadable: {e}")
+    if isinstance(handle, str) and storage.local_path(source).stat().st_size == 0:
+        return Rejected("empty file (0 bytes)")
+    try:
+        container = av.open(handle, metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        return Rejected(f"not a readable video container: {e}")
+    try:
+        return _reencode(container, sha, cfg)
+    finally:
+        container.close()
+
+
+def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        return Rejected(f"no video stream (found: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    src_rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not src_rate or src_rate <= 0:
+        return Rejected("video stream has no frame rate")
+    src_rate = Fraction(src_rate)
+    out_rate = src_rate if cfg.fps is None or cfg.fps >= src_rate else Fraction(cfg.fps).limit_denominator(1001)
+    ctx = stream.codec_context
+    if not ctx.width or not ctx.height:
+        return Rejected("video stream has no frame size")
+    width, height = _output_size(ctx.width, ctx.height, cfg.short_side)
+
+    buf = io.BytesIO()
+    # +bitexact keeps library versions and timestamps out of the file: same input, same bytes.
+    out = av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"})
+    vout = out.add_stream("libx264", rate=out_rate)
+    vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+    vout.codec_context.gop_size = cfg.gop
+    # One thread per encode: x264's output depends on its thread count, which would make
+    # shards differ between machines; we get parallelism from encoding many videos at once.
+    vout.codec_context.thread_count = 1
+    vout.options = {"crf": str(cfg.crf), "preset": cfg.preset,
+                    "x264-params": f"keyint={cfg.gop}:min-keyint={cfg.gop}:scenecut=0:threads=1"}
+
+    frame_tb = 1 / out_rate
+    written = 0
+    start = None
+    partial = None
+    limit = math.inf if cfg.max_seconds is None else cfg.max_seconds
+    try:
+        for frame in container.decode(stream):
+            t = frame.time if frame.time is not None else written / float(out_rate)
+            start = t if start is None else start
+            t -= start
+            if t >= limit:
+                break
+            # Resample to out_rate by time: keep a frame once it reaches the next output slot.
+            if out_rate != src_rate and t * out_rate + 1e-6 < written:
+                continue
+            img = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            # Timestamps count output frames: constant rate, whatever the source's clock was.
+            img.pts = written
+            img.time_base = frame_tb
+            for packet in vout.encode(img):
+                out.mux(packet)
+            written += 1
+    except av.error.FFmpegError as e:
+        if written == 0:
+            out.close()
+            return Rejected(f"undecodable video stream: {e}")
+        partial = f"decoding stopped after {written} frames: {e}"
+    if written == 0:
+        out.close()
+        return Rejected("zero decodable video frames")
+    for packet in vout.encode(None):
+        out.mux(packet)
+    out.close()
+    return Encoded(mp4=buf.getvalue(), sha256=sha, fps=float(out_rate), frames=written, width=width,
+                   height=height, duration=written / float(out_rate), partial=partial)
