@@ -25,8 +25,7 @@ from urllib.parse import unquote, urlparse
 
 T = TypeVar("T")
 
-RETRIES = 5
-_client_cache: tuple[int, object] | None = None
+_client_cache: tuple[tuple[int, str | None], object] | None = None
 
 
 class StorageError(OSError):
@@ -62,47 +61,56 @@ def s3_client():
     """A boto3 S3 client for this process, created on first use.
 
     boto3 sessions are not fork-safe, so a client made before a fork (DataLoader or pool
-    workers) must not be reused in the child: the cache is keyed by process id.
+    workers) must not be reused in the child: the cache is keyed by process id (and by the
+    endpoint, so a changed ``AWS_ENDPOINT_URL`` takes effect).
     """
     global _client_cache
-    if _client_cache is None or _client_cache[0] != os.getpid():
+    ident = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"))
+    if _client_cache is None or _client_cache[0] != ident:
         import boto3
         from botocore.config import Config
 
-        # botocore's "standard" mode retries throttling, 5xx and connection errors itself;
-        # retry() below covers what it cannot: a stream that dies after the headers arrived.
-        config = Config(retries={"max_attempts": RETRIES, "mode": "standard"},
+        # botocore's "standard" mode retries throttling, 5xx and dropped or refused
+        # connections itself (AWS_MAX_ATTEMPTS, default 5 here); retry() below covers what it
+        # cannot: a response body that breaks off after the headers arrived.
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"},
                         connect_timeout=10, read_timeout=60)
-        _client_cache = (os.getpid(), boto3.session.Session().client("s3", config=config))
+        _client_cache = (ident, boto3.session.Session().client("s3", config=config))
     return _client_cache[1]
 
 
-def _transient() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import ResponseStreamingError
+def _broken_stream() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
     from urllib3.exceptions import ProtocolError
 
-    return (BotoConnectionError, ResponseStreamingError, ProtocolError, ConnectionError, TimeoutError)
+    return (ResponseStreamingError, IncompleteReadError, ProtocolError)
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = RETRIES, base_delay: float = 0.2) -> T:
-    """Call ``fn`` and retry transient network failures with jittered exponential back-off."""
-    transient = _transient()
+def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call ``fn``; retry a broken response stream with jittered exponential back-off.
+
+    Every other failure is turned into an error that names ``what`` and the likely fix.
+    """
+    broken = _broken_stream()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except transient as e:
+        except broken as e:
             if attempt == attempts:
-                raise StorageError(f"{what}: failed after {attempts} attempts ({type(e).__name__}: {e}). "
-                                   f"{_endpoint_hint()}") from e
+                raise StorageError(f"{what}: the connection broke off {attempts} times "
+                                   f"({type(e).__name__}: {e}). {_endpoint_hint()}") from e
             time.sleep(base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
         except Exception as e:
-            raise _explain(e, what) from e
+            explained = _explain(e, what)
+            if explained is e:
+                raise
+            raise explained from e
     raise AssertionError("unreachable")
 
 
 def _endpoint_hint() -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         return f"Check that the S3 endpoint {endpoint} (AWS_ENDPOINT_URL) is up and reachable."
     return "Check the network, or set AWS_ENDPOINT_URL for an S3-compatible store."
@@ -110,7 +118,10 @@ def _endpoint_hint() -> str:
 
 def _explain(e: Exception, what: str) -> Exception:
     from botocore.exceptions import ClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
+    if isinstance(e, BotoConnectionError):
+        return StorageError(f"{what}: cannot reach S3 after retries ({e}). {_endpoint_hint()}")
     if isinstance(e, NoCredentialsError):
         return StorageError(f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment.")

