@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The demo so far: synthetic scene-bias videos -> train/test shards under shards/demo.
 demo: $(STAMP)
-	$(BIN)/python -m dclr_dist.demo
+	$(BIN)/python -m dclr_dist.shard synth --output shards/demo/videos
+	$(BIN)/python -m dclr_dist.shard --input shards/demo/videos/manifest.csv --split train --output shards/demo/train
+	$(BIN)/python -m dclr_dist.shard --input shards/demo/videos/manifest.csv --split test --output shards/demo/test
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
