@@ -1,0 +1,240 @@
+"""DCLR model: a shared video backbone, its momentum copy, five heads, activation maps.
+
+Ding, Qian, Xiong, "Dual Contrastive Learning for Spatio-temporal Representation",
+ACM MM 2022 (arXiv 2207.05340). Each clip v is decoupled into a static view s (one
+frame repeated) and a dynamic view d (temporal difference); one backbone f encodes all
+three. The RGB features are split in feature space by the activation maps of s and d:
+F_s(v) = GAP(f(v) * A_s), F_d(v) = GAP(f(v) * A_d).
+
+Split between model and loss (`dclr_dist.loss`): the model computes embeddings and maps
+for one worker's batch and knows nothing of other workers; the loss normalises (fp32),
+gathers across workers, keeps the queues and returns each term. The trainer calls
+
+    out = model(batch)                  # dict below
+    losses = criterion(out)             # dict: "loss" and every term
+    ... backward, optimizer step ...
+    model.momentum_update()             # after the optimizer step
+
+Under DeepSpeed (checked on CPU, ZeRO 0-2, fp32 and bf16): give it only the trainable
+parameters (the key encoder's are frozen; DeepSpeed still broadcasts them from rank 0).
+bf16 mode casts parameters but not buffers, and batch norm refuses bf16 weights with
+fp32 running statistics: set data_types.buffer_dtype to "bf16", or use torch_autocast
+(fp32 weights). ZeRO-3 is out: momentum_update needs whole parameters on every rank.
+
+Decisions (see design.md section 2 for the released code's defects):
+- Activation maps come from the key (momentum) encoder, without gradient, as in the
+  released code. A = sum_c f, normalised by its mean over the T' x H' x W' positions.
+- Pooling: soft weights GAP(f(v) * A) (released code), or a decoupling threshold: the
+  binary map [A >= threshold], normalised by its mean like A, so both are weighted
+  averages of f(v) over positions. A threshold above a sample's peak keeps the peak,
+  so no sample pools over an empty set.
+- Alignment A_v ~ A_s + A_d: the query encoder's map of v (with gradient) against the
+  key encoder's maps of the same clip's s and d (detached); the loss compares the maps
+  themselves, not projections, so the term trains f.
+- No shuffle-BN: on GPU the backbones use SyncBN (statistics over the global batch, as
+  in SimCLR and MoCo v3), which removes the intra-GPU batch statistics shuffle-BN was
+  for, and there is no key/map permutation left to misalign (the released code's bug).
+  Views are concatenated into one backbone pass, so one BN batch holds the RGB, static
+  and dynamic inputs, as in the released code.
+- In-batch mode (`in_batch=True`): the k-side views go through the query encoder with
+  gradient and the loss uses the global batch instead of queues; the key encoder then
+  only provides activation maps and neighbour-search probes.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from torchvision.models import video
+
+# The five projection heads, in the order of the embedding axis of out["q"] and out["k"].
+HEADS = ("vv", "vs", "vd", "sv", "dv")
+VV, VS, VD, SV, DV = range(len(HEADS))
+
+# Batch keys of the data pipeline: RGB clips, static views, dynamic views, (B, 3, T, H, W) each.
+VIEWS = ("q", "k", "static_q", "static_k", "dynamic_q", "dynamic_k")
+
+ARCHS = ("tiny", "r2plus1d_18", "r3d_18", "mc3_18", "s3d")
+
+
+def tiny_backbone(width: int) -> nn.Sequential:
+    """A four-layer 3D CNN for CPU tests and the demo.
+
+    Downsamples like R(2+1)D-18 (T/8, H/16, W/16) so the maps keep their meaning;
+    ends in ReLU so activation maps are non-negative, like every backbone here.
+    """
+    layers, c_in = [], 3
+    for c, stride in ((width, (1, 2, 2)), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
+        layers += [nn.Conv3d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm3d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+def backbone(arch: str, width: int) -> tuple[nn.Module, int]:
+    """Backbone f as a feature extractor, and its channel count C.
+
+    f maps (B, 3, T, H, W) to the final-stage feature maps (B, C, T', H', W'): the
+    torchvision networks without their pooling and classifier, randomly initialised
+    (self-supervised from scratch). torchvision's r2plus1d_18 has two blocks per stage
+    (the released code's had one). The torchvision networks exist only at base width 64.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
+    if arch == "tiny":
+        return tiny_backbone(width), 8 * width
+    if width != 64:
+        raise ValueError(f"{arch} has a fixed base width of 64, got width={width}")
+    net = getattr(video, arch)(weights=None)
+    if arch == "s3d":
+        return net.features, 1024
+    return nn.Sequential(net.stem, net.layer1, net.layer2, net.layer3, net.layer4), 512
+
+
+def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or unchanged when wider (fp64 in the exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def activation_map(f: torch.Tensor) -> torch.Tensor:
+    """A = sum_c f normalised by its mean over positions: (B, C, T', H', W') -> (B, T', H', W').
+
+    Summed in fp32: under bf16 a 512-term sum loses the map's contrast.
+    """
+    A = fp32_or_wider(f).sum(1)
+    return A / A.mean((1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def pool(f: torch.Tensor, A: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """F(v) = GAP(f(v) * A), the part of f(v) where A is active: (B, C, T', H', W') -> (B, C).
+
+    threshold None: soft weights, A itself (mean 1). Otherwise the binary map
+    [A >= threshold] normalised to mean 1, a plain average over the kept positions
+    (the peak alone where the threshold is above a sample's peak).
+    """
+    if threshold is not None:
+        keep = (A >= A.amax((1, 2, 3), keepdim=True).clamp(max=threshold)).to(A.dtype)
+        A = keep / keep.mean((1, 2, 3), keepdim=True)
+    return (f * A.unsqueeze(1).to(f.dtype)).mean((2, 3, 4))
+
+
+def gap(f: torch.Tensor) -> torch.Tensor:
+    """Global average pooling: (B, C, T', H', W') -> (B, C)."""
+    return f.mean((2, 3, 4))
+
+
+class Encoder(nn.Module):
+    """Backbone f and the five heads g: one of the two encoders (query, momentum key)."""
+
+    def __init__(self, arch: str, width: int, dim: int):
+        super().__init__()
+        self.f, C = backbone(arch, width)
+        # 2-layer MLPs C-C-ReLU-dim (paper: 512-512-128), one per embedding type.
+        self.g = nn.ModuleDict(
+            {h: nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim)) for h in HEADS}
+        )
+
+    def embed(self, f_v: torch.Tensor, f_s: torch.Tensor, f_d: torch.Tensor,
+              A_s: torch.Tensor, A_d: torch.Tensor, threshold: float | None) -> torch.Tensor:
+        """g_vv(GAP f(v)), g_vs(F_s(v)), g_vd(F_d(v)), g_sv(GAP f(s)), g_dv(GAP f(d)): (B, 5, dim).
+
+        f_*: (B, C, T', H', W') feature maps; A_*: (B, T', H', W') maps. Not normalised:
+        the loss normalises in fp32.
+        """
+        x = {"vv": gap(f_v), "vs": pool(f_v, A_s, threshold), "vd": pool(f_v, A_d, threshold),
+             "sv": gap(f_s), "dv": gap(f_d)}
+        return torch.stack([self.g[h](x[h]) for h in HEADS], 1)
+
+
+class DCLR(nn.Module):
+    """DCLR: query encoder, momentum key encoder (MoCo, arXiv 1911.05722), activation maps.
+
+    forward(batch) takes the data pipeline's dict (VIEWS, each (B, 3, T, H, W)) and returns
+        q:   (B, 5, dim) queries, query encoder on (v_q, s_q, d_q), HEADS order
+        k:   (B, 5, dim) keys from (v_k, s_k, d_k): key encoder without gradient, or in
+             in-batch mode the query encoder with gradient
+        p:   (B, 2, dim) key-encoder g_sv(GAP f(s_q)), g_dv(GAP f(d_q)): the probes of the
+             cross-video neighbour search (static, dynamic)
+        A_v: (B, T', H', W') query-encoder map of v_q, with gradient (alignment term)
+        A_s, A_d: (B, T', H', W') key-encoder maps of s_q and d_q, no gradient
+    Maps are fp32 and mean-normalised; embeddings are in the parameters' dtype.
+    """
+
+    def __init__(self, arch: str = "r2plus1d_18", width: int = 64, dim: int = 128, m: float = 0.999,
+                 threshold: float | None = None, in_batch: bool = False):
+        """
+        arch: backbone, one of ARCHS
+        width: base channel width (tiny only; the torchvision networks exist only at 64)
+        dim: embedding dimension of the heads (paper: 128)
+        m: momentum of the key encoder (paper: 0.999)
+        threshold: decoupling threshold on the mean-normalised activation map; None for soft weights
+        in_batch: k-side views through the query encoder (in-batch negatives, see module docstring)
+        """
+        super().__init__()
+        self.m = m
+        self.threshold = threshold
+        self.in_batch = in_batch
+        self.encoder_q = Encoder(arch, width, dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False  # updated by momentum only
+        # fp32 accumulator of the key parameters, see momentum_update.
+        self._theta_k: list[torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(_drop_accumulator)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Under DeepSpeed bf16 the parameters are bf16 and the loader's views fp32.
+        dtype = next(self.encoder_q.parameters()).dtype
+        v_q, v_k, s_q, s_k, d_q, d_k = (batch[name].to(dtype) for name in VIEWS)  # (B, 3, T, H, W) each
+
+        with torch.no_grad():
+            # Key encoder: activation maps (no gradient, as designed), probes, and the keys in queue mode.
+            x_k = [s_q, d_q, s_k, d_k] + ([] if self.in_batch else [v_k])
+            f_sq, f_dq, f_sk, f_dk, *f_vk = self.encoder_k.f(torch.cat(x_k)).chunk(len(x_k))  # (B, C, T', H', W')
+            if f_sq[0, 0].numel() == 1:
+                raise ValueError(f"input {tuple(v_q.shape[2:])} leaves a 1x1x1 feature map: too small to decouple")
+            A_s, A_d = activation_map(f_sq), activation_map(f_dq)  # (B, T', H', W')
+            A_sk, A_dk = activation_map(f_sk), activation_map(f_dk)
+            p = torch.stack([self.encoder_k.g["sv"](gap(f_sq)), self.encoder_k.g["dv"](gap(f_dq))], 1)  # (B, 2, dim)
+            if not self.in_batch:
+                k = self.encoder_k.embed(f_vk[0], f_sk, f_dk, A_sk, A_dk, self.threshold)  # (B, 5, dim)
+
+        x_q = [v_q, s_q, d_q] + ([v_k, s_k, d_k] if self.in_batch else [])
+        f_q = self.encoder_q.f(torch.cat(x_q)).chunk(len(x_q))  # (B, C, T', H', W') each
+        q = self.encoder_q.embed(f_q[0], f_q[1], f_q[2], A_s, A_d, self.threshold)  # (B, 5, dim)
+        if self.in_batch:
+            k = self.encoder_q.embed(f_q[3], f_q[4], f_q[5], A_sk, A_dk, self.threshold)
+        return {"q": q, "k": k, "p": p, "A_v": activation_map(f_q[0]), "A_s": A_s, "A_d": A_d}
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2); call after each optimizer step.
+
+        Accumulates in fp32. Under DeepSpeed bf16 the key parameters are bf16, where a
+        step of (1 - m) = 1e-3 of the gap is below half an ulp (2^-9 relative), so an
+        in-place bf16 update would freeze the key encoder. The fp32 accumulator is the
+        parameters themselves when they are fp32, else a copy; it is not checkpointed:
+        after loading a state dict it is rebuilt from the saved weights (one rounding).
+        """
+        theta_k = list(self.encoder_k.parameters())
+        acc = self._theta_k
+        wide = torch.promote_types(theta_k[0].dtype, torch.float32)
+        if acc is None or acc[0].dtype != wide or acc[0].device != theta_k[0].device:
+            acc = self._theta_k = [fp32_or_wider(p) for p in theta_k]  # p itself when already fp32
+        for p_k, a, p_q in zip(theta_k, acc, self.encoder_q.parameters()):
+            a.lerp_(fp32_or_wider(p_q), 1.0 - self.m)
+            if a is not p_k:
+                p_k.copy_(a)
+
+
+def _drop_accumulator(model: DCLR, incompatible_keys) -> None:
+    """After load_state_dict the fp32 key accumulator is stale; momentum_update rebuilds it."""
+    model._theta_k = None
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """SyncBN (statistics over all workers) on CUDA; plain BN elsewhere.
+
+    SyncBatchNorm refuses CPU tensors once a process group exists, so CPU runs keep
+    per-worker BN.
+    """
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
