@@ -60,6 +60,66 @@ class ShardConfig:
                "shard.prefix", f"must be non-empty letters, digits, '_' or '-', got {self.prefix!r}")
 
 
+@dataclass
+class ModelConfig:
+    """The DCLR network (``dclr_dist.model.DCLR``)."""
+
+    # Backbone: torchvision video nets (paper: r2plus1d_18), s3d, or a small 3D CNN for CPU and the demo.
+    arch: Literal["tiny", "r2plus1d_18", "r3d_18", "mc3_18", "s3d"] = "r2plus1d_18"
+    # Base channel width; only "tiny" has a choice, the torchvision networks exist at 64.
+    width: int = 64
+    # Embedding dimension of the five projection heads (paper: 128).
+    dim: int = 128
+    # Momentum of the key encoder (paper: 0.999).
+    m: float = 0.999
+    # Decoupling threshold on the mean-normalised activation map; null: soft weights (released code).
+    threshold: float | None = None
+
+    def validate(self, where: str) -> None:
+        _check(self.width >= 1, where, "model.width", f"must be >= 1, got {self.width}")
+        _check(self.arch == "tiny" or self.width == 64, where, "model.width",
+               f"must be 64 for {self.arch} (fixed torchvision width), got {self.width}")
+        _check(self.dim >= 1, where, "model.dim", f"must be >= 1, got {self.dim}")
+        _check(0.0 <= self.m < 1.0, where, "model.m", f"must be in [0, 1), got {self.m}")
+        _check(self.threshold is None or self.threshold >= 0, where, "model.threshold",
+               f"must be >= 0 or null, got {self.threshold}")
+
+
+@dataclass
+class LossConfig:
+    """The DCLR objective and its negatives (``dclr_dist.loss.DCLRLoss``).
+
+    Baseline (plain clip contrast, the formulation the paper argues against):
+    w_s = w_d = w_align = 0 and topk = 0.
+    """
+
+    # Keys per queue (paper: 16384 for Kinetics-400, 2048 for UCF-101); unused when in_batch.
+    queue_size: int = 16384
+    # InfoNCE temperature (paper: 0.07).
+    tau: float = 0.07
+    # Cross-video positives per query, nearest by static/dynamic similarity (paper: 5).
+    topk: int = 5
+    # Weight of L_vv, RGB clip against RGB clip (paper: 1).
+    w_vv: float = 1.0
+    # Weight of L_v->s + L_s->v, static decoupling (paper: 1).
+    w_s: float = 1.0
+    # Weight of L_v->d + L_d->v, dynamic decoupling (paper: 1).
+    w_d: float = 1.0
+    # Weight of L_align, A_v against (A_s + A_d) / 2 (released code: 0.1).
+    w_align: float = 0.1
+    # Negatives: false = MoCo queues of every worker's keys (paper); true = the global batch,
+    # gathered with gradient.
+    in_batch: bool = False
+
+    def validate(self, where: str) -> None:
+        _check(self.tau > 0, where, "loss.tau", f"must be > 0, got {self.tau}")
+        _check(self.topk >= 0, where, "loss.topk", f"must be >= 0, got {self.topk}")
+        _check(self.in_batch or self.queue_size > self.topk, where, "loss.queue_size",
+               f"must exceed loss.topk ({self.topk}), got {self.queue_size}")
+        for key in ("w_vv", "w_s", "w_d", "w_align"):
+            _check(getattr(self, key) >= 0, where, f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                  "slower", "veryslow")
 
@@ -67,6 +127,8 @@ _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium
 @dataclass
 class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, where: str = "<config>") -> None:
         for f in dataclasses.fields(self):
