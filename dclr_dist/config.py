@@ -120,6 +120,64 @@ class LossConfig:
             _check(getattr(self, key) >= 0, where, f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
+@dataclass
+class TrainConfig:
+    """The pretraining job (``dclr_dist.train``): Ray Train scaling, DeepSpeed, schedule, checkpoints."""
+
+    # Ray Train run name under storage_path; re-submitting the same name resumes the run.
+    name: str = "dclr"
+    # Where checkpoints and metrics go: a local folder or s3://bucket/prefix (AWS_ENDPOINT_URL honoured).
+    storage_path: str = "runs"
+    # Ray Train workers (one DeepSpeed rank each) and what each reserves.
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    epochs: int = 200
+    # Optimizer steps per epoch are data.epoch_samples / (batch per worker x workers x grad_accum).
+    grad_accum: int = 1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Paper recipe (UCF-101, batch 40): SGD momentum 0.9, lr 0.01, wd 1e-4. lr is per
+    # ref_batch samples and scaled linearly with the global batch (Goyal et al. 2017).
+    lr: float = 0.01
+    ref_batch: int = 40
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    # "step": lr x 0.1 at each of milestones (epochs; paper: 120, 160 of 200); "cosine": to 0.
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    grad_clip: float = 0.0
+    # bf16 runs under autocast with fp32 master weights; fp32 on CPU CI.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 1
+    # Checkpoint every N epochs; Ray keeps the newest keep_checkpoints, the best backbone is kept apart.
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    # Worker/node failures survived by restarting from the latest checkpoint (-1: unlimited).
+    max_failures: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.name) and "/" not in self.name, where, "train.name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.workers >= 1, where, "train.workers", f"must be >= 1, got {self.workers}")
+        _check(self.gpus_per_worker >= 0, where, "train.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.cpus_per_worker > 0, where, "train.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check(self.epochs >= 1, where, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.grad_accum >= 1, where, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, where, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.ref_batch >= 1, where, "train.ref_batch", f"must be >= 1, got {self.ref_batch}")
+        _check(self.warmup_epochs >= 0, where, "train.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(all(0 < m for m in self.milestones), where, "train.milestones", f"must be positive epochs, got {self.milestones}")
+        _check(self.grad_clip >= 0, where, "train.grad_clip", f"must be >= 0 (0: off), got {self.grad_clip}")
+        _check(self.zero_stage in (0, 1, 2), where, "train.zero_stage",
+               f"must be 0, 1 or 2 (ZeRO-3 shards parameters, which the momentum encoder needs whole), got {self.zero_stage}")
+        _check(self.checkpoint_every >= 1, where, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.max_failures >= -1, where, "train.max_failures", f"must be >= -1, got {self.max_failures}")
+        _check(self.log_every >= 1, where, "train.log_every", f"must be >= 1, got {self.log_every}")
+
+
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                  "slower", "veryslow")
 
@@ -129,6 +187,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, where: str = "<config>") -> None:
         for f in dataclasses.fields(self):
