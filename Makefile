@@ -16,11 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The demo so far: synthetic scene-bias videos -> train/test shards under shards/demo.
+# The embedded default: synthetic scene-bias shards (made on first use) -> local Ray
+# cluster -> DCLR pretraining (configs/demo.yaml).
 demo: $(STAMP)
-	$(BIN)/python -m dclr_dist.shard synth --output shards/demo/videos
-	$(BIN)/python -m dclr_dist.shard --input shards/demo/videos/manifest.csv --split train --output shards/demo/train
-	$(BIN)/python -m dclr_dist.shard --input shards/demo/videos/manifest.csv --split test --output shards/demo/test
+	$(BIN)/python -m dclr_dist.train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -29,4 +28,4 @@ bench-pack: $(STAMP)
 	$(BIN)/python benchmarks/pack.py
 
 clean-demo:
-	rm -rf shards/demo
+	rm -rf shards/demo runs/demo

@@ -1,0 +1,158 @@
+"""The trainer end to end: a real local Ray cluster, DeepSpeed on gloo, shards from real mp4s."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from dclr_dist import storage
+from dclr_dist.config import load_config
+from dclr_dist.shard.pack import pack
+from dclr_dist.shard.synth import write_corpus
+
+TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
+        "views.size=32", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
+        "data.shuffle_initial=4", "data.epoch_samples=16", "train.workers=2", "train.epochs=3",
+        "train.lr=0.05", "train.ref_batch=8", "train.log_every=1", "train.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("train-shards")
+    manifest = write_corpus(root / "videos", num_classes=3, train_per_class=4, test_per_class=2, train_scenes=3,
+                            test_scenes=2, frames=24, size=48, workers=2, progress=False)
+    cfg = load_config(None, ["shard.short_side=48", "shard.max_samples=3"]).shard
+    out = {}
+    for split in ("train", "test"):
+        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
+        out[split] = str(root / split)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_TMPDIR"] = "/tmp/rt-train"
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(shards, tmp_path, *extra):
+    return load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
+                              f"train.storage_path={tmp_path / 'runs'}", *extra])
+
+
+def _metrics(run: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(storage.join(run, "metrics/metrics.jsonl")).decode().splitlines()]
+
+
+def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
+    from dclr_dist.train import fit
+
+    cfg = _cfg(shards, tmp_path, "train.name=two")
+    result = fit(cfg)
+    assert result.error is None
+    m = result.metrics
+    assert (m["epoch"], m["world_size"], m["step"]) == (3, 2, 3 * 2)  # 16 samples / (4 x 2 workers) = 2 steps
+    assert m["skipped_samples"] == 0 and m["samples_per_s"] > 0 and 0 <= m["data_wait"] <= 1
+    # every step writes the keys of both workers into the queue: 6 steps x 4 x 2 = 48 keys
+    assert m["queue_filled"] == 48
+    for term in ("loss", "vv", "v_s", "s_v", "v_d", "d_v", "align"):
+        assert torch.isfinite(torch.tensor(m[term])), term
+
+    run = str(tmp_path / "runs" / "two")
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
+    assert {"lr", "samples_per_s", "samples_per_s_worker", "data_wait", "memory_mb", "vv", "align"} <= set(
+        next(r for r in rows if r["kind"] == "step"))
+    assert any(p.name.startswith("events.out.tfevents") for p in (Path(run) / "metrics").iterdir())
+
+    ckpt = Path(result.checkpoint.path)
+    backbone = torch.load(ckpt / "backbone.pt", weights_only=True)
+    assert all(torch.is_tensor(v) for v in backbone.values()) and len(backbone) > 4
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["model"]["arch"] == "tiny" and meta["epoch"] == 3
+    assert (Path(run) / "best" / "backbone.pt").exists()
+    # Ray keeps the newest keep_checkpoints (2) of the 3 written
+    assert len([p for p in Path(run).iterdir() if p.name.startswith("checkpoint_2")]) == 2
+
+    # the same name again, with more epochs: it resumes from epoch 3, not from scratch
+    longer = fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=4"))
+    assert longer.metrics["epoch"] == 4 and longer.metrics["step"] == 8
+    assert [r["epoch"] for r in _metrics(run) if r["kind"] == "epoch"] == [1, 2, 3, 4]
+
+    # a different world size cannot load ZeRO shards: a clear error before any worker starts
+    with pytest.raises(ValueError, match="checkpointed by 2 workers .* Set train.workers=2"):
+        fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=5", "train.workers=1"))
+
+
+def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, shards, bucket):
+    from dclr_dist.train import fit
+
+    cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"train.storage_path={bucket}/runs",
+                             "train.name=killed", "train.epochs=6", "train.max_failures=2"])
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        # latest.json at epoch 2 is written after epoch 1's checkpoint was reported and registered
+        deadline = time.monotonic() + 240
+        latest = f"{bucket}/runs/killed/latest.json"
+        while time.monotonic() < deadline:
+            if storage.exists(latest) and json.loads(storage.read_bytes(latest))["epoch"] >= 2:
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = fit(cfg)
+    killer.join()
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert result.error is None
+    assert (result.metrics["epoch"], result.metrics["step"]) == (6, 12)
+    rows = _metrics(f"{bucket}/runs/killed")
+    resumes = [r for r in rows if r["kind"] == "resume"]
+    assert resumes and 1 <= resumes[0]["epoch"] < 6
+    assert sorted({r["epoch"] for r in rows if r["kind"] == "epoch"}) == [1, 2, 3, 4, 5, 6]
+    assert any(n.startswith("checkpoint_") for n in _list_dirs(f"{bucket}/runs/killed"))
+
+
+def _list_dirs(url: str) -> set[str]:
+    bucket, key = storage.split_s3(url)
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/", Delimiter="/")
+    return {p["Prefix"][len(key) + 1:].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])}
+
+
+def _run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dclr_dist.train", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    r = _run_cli("--config", str(bad))
+    assert r.returncode == 2 and "bad.yaml: unknown key 'train.epochz' (did you mean 'epochs'?)" in r.stderr
+    r = _run_cli("train.workers=two")
+    assert r.returncode == 2 and "command line: train.workers must be int, got str 'two'" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(f"data:\n  train: [{tmp_path / 'no-such-shards'}]\n")
+    start = time.monotonic()
+    r = _run_cli("--config", str(good))
+    assert r.returncode == 1 and "no-such-shards" in r.stderr
+    assert time.monotonic() - start < 60  # before any Ray worker starts
