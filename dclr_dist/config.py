@@ -61,6 +61,111 @@ class ShardConfig:
 
 
 @dataclass
+class DataConfig:
+    """Reading shards into batches of clips (``dclr_dist.data``)."""
+
+    # Shards to read, each entry one of: a shard (.tar), an index.json, a packed folder or
+    # prefix (its index.json is read), or a brace pattern (shard-{000000..000099}.tar);
+    # local or s3://. An index.json gives the shards' sample counts, which a bare list lacks.
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    # Videos per batch on each rank (the global batch is world_size times this).
+    batch_size: int = 8
+    # DataLoader worker processes per rank; decoding is the bottleneck (design.md section 5).
+    workers: int = 4
+    # Batches each DataLoader worker prepares ahead.
+    prefetch: int = 2
+    # Samples held for shuffling by each DataLoader worker, as compressed mp4 bytes, so memory
+    # is about shuffle_buffer x the mean video size per worker; shuffle_initial are buffered
+    # before the first sample leaves (a faster start, a less random first batch).
+    shuffle_buffer: int = 256
+    shuffle_initial: int = 64
+    # Epoch length, the same on every rank so collectives never wait on a rank that ran out:
+    # epoch_batches per rank, or epoch_samples for all ranks together (whatever the world
+    # size); neither: the sample count of the train index.json files.
+    epoch_batches: int | None = None
+    epoch_samples: int | None = None
+    # Shard order, sample shuffle and view randomness; shared by all ranks.
+    seed: int = 0
+    # Page-locked batches for asynchronous host-to-GPU copies; ignored without CUDA.
+    pin_memory: bool = True
+    # Extra attempts to open a shard or to resume an S3 stream that broke off, before the
+    # shard is skipped with a warning.
+    retries: int = 3
+    # Uniformly spaced clips per video at evaluation (paper: 10).
+    eval_clips: int = 10
+
+    def validate(self, where: str) -> None:
+        for key in ("train", "eval"):
+            urls = getattr(self, key)
+            _check(all(u.strip() for u in urls), where, f"data.{key}", f"must not hold empty URLs, got {urls!r}")
+        for key in ("batch_size", "prefetch", "shuffle_buffer", "eval_clips"):
+            value = getattr(self, key)
+            _check(value >= 1, where, f"data.{key}", f"must be >= 1, got {value}")
+        for key in ("workers", "shuffle_initial", "retries"):
+            value = getattr(self, key)
+            _check(value >= 0, where, f"data.{key}", f"must be >= 0, got {value}")
+        _check(self.shuffle_initial <= self.shuffle_buffer, where, "data.shuffle_initial",
+               f"must be <= data.shuffle_buffer ({self.shuffle_buffer}), got {self.shuffle_initial}")
+        for key in ("epoch_batches", "epoch_samples"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, where, f"data.{key}", f"must be >= 1 or null, got {value}")
+        _check(self.epoch_batches is None or self.epoch_samples is None, where, "data.epoch_samples",
+               "and data.epoch_batches are both set; set one of them")
+
+
+@dataclass
+class ViewsConfig:
+    """Clips and the DCLR views made from them (``dclr_dist.views``); defaults: the paper's recipe."""
+
+    # T frames per clip at temporal stride s (paper: 16 at stride 2).
+    frames: int = 16
+    stride: int = 2
+    # Side of the square crops (paper: 112).
+    size: int = 112
+    # Random resized crop: area fraction and aspect-ratio range (paper: scale 0.2-1).
+    scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    # Colour jitter strengths (brightness, contrast, saturation, hue), applied with jitter_p.
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    # Gaussian blur with sigma drawn from blur_sigma, applied with blur_p.
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    flip_p: float = 0.5
+    # Per-channel normalisation (ImageNet statistics, as the released code).
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Where crops, colour augmentation, normalisation and the static/dynamic views run:
+    # "device" ships the decoded uint8 frames and makes the views on the accelerator after
+    # the copy (CPU decoding is the scarce resource on GPU nodes); "worker" makes them in
+    # the DataLoader workers.
+    where: Literal["worker", "device"] = "device"
+
+    def validate(self, where: str) -> None:
+        for key in ("frames", "stride"):
+            value = getattr(self, key)
+            _check(value >= 1, where, f"views.{key}", f"must be >= 1, got {value}")
+        _check(self.size >= 8, where, "views.size", f"must be >= 8, got {self.size}")
+        for key, n in (("scale", 2), ("ratio", 2), ("blur_sigma", 2), ("jitter", 4), ("mean", 3), ("std", 3)):
+            value = getattr(self, key)
+            _check(len(value) == n, where, f"views.{key}", f"must hold {n} numbers, got {value!r}")
+        lo, hi = self.scale
+        _check(0 < lo <= hi <= 1, where, "views.scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.scale!r}")
+        lo, hi = self.ratio
+        _check(0 < lo <= hi, where, "views.ratio", f"must be [lo, hi] with 0 < lo <= hi, got {self.ratio!r}")
+        lo, hi = self.blur_sigma
+        _check(0 < lo <= hi, where, "views.blur_sigma", f"must be [lo, hi] with 0 < lo <= hi, got {self.blur_sigma!r}")
+        _check(all(j >= 0 for j in self.jitter) and self.jitter[3] <= 0.5, where, "views.jitter",
+               f"must be >= 0 (brightness, contrast, saturation, hue), hue <= 0.5, got {self.jitter!r}")
+        for key in ("jitter_p", "gray_p", "blur_p", "flip_p"):
+            value = getattr(self, key)
+            _check(0 <= value <= 1, where, f"views.{key}", f"must be a probability in [0, 1], got {value}")
+        _check(all(s > 0 for s in self.std), where, "views.std", f"must be > 0, got {self.std!r}")
+
+
+@dataclass
 class ModelConfig:
     """The DCLR network (``dclr_dist.model.DCLR``)."""
 
@@ -178,6 +283,37 @@ class TrainConfig:
         _check(self.log_every >= 1, where, "train.log_every", f"must be >= 1, got {self.log_every}")
 
 
+@dataclass
+class EvalConfig:
+    """Downstream protocols (``dclr_dist.eval``) and the k-NN monitor during pretraining."""
+
+    # k-NN accuracy of the query backbone on data.eval every N epochs, reported as knn_acc;
+    # best/ then keeps the epoch with the highest (contrastive losses are not comparable
+    # across temperatures). 0: off, best/ keeps the lowest loss.
+    every: int = 0
+    # k-NN classifier: votes of the k nearest neighbours weighted by exp(cos / t) (Wu et al. 2018).
+    k: int = 20
+    t: float = 0.07
+    # Retrieval recall@K, test queries against the train gallery (paper: 1, 5, 10, 20, 50).
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    # Linear probe: L2 penalty of the logistic regression on frozen, standardised features.
+    l2: float = 1e-3
+    # Fine-tuning the whole backbone and a linear classifier (paper: lr 0.1, 10 epochs); lr is
+    # per train.ref_batch samples and scaled linearly like pretraining's.
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.1
+
+    def validate(self, where: str) -> None:
+        _check(self.every >= 0, where, "eval.every", f"must be >= 0 (0: off), got {self.every}")
+        _check(self.k >= 1, where, "eval.k", f"must be >= 1, got {self.k}")
+        _check(self.t > 0, where, "eval.t", f"must be > 0, got {self.t}")
+        _check(bool(self.recall_at) and all(r >= 1 for r in self.recall_at), where, "eval.recall_at",
+               f"must be a non-empty list of ranks >= 1, got {self.recall_at!r}")
+        _check(self.l2 >= 0, where, "eval.l2", f"must be >= 0, got {self.l2}")
+        _check(self.finetune_epochs >= 1, where, "eval.finetune_epochs", f"must be >= 1, got {self.finetune_epochs}")
+        _check(self.finetune_lr > 0, where, "eval.finetune_lr", f"must be > 0, got {self.finetune_lr}")
+
+
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                  "slower", "veryslow")
 
@@ -185,9 +321,12 @@ _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium
 @dataclass
 class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, where: str = "<config>") -> None:
         for f in dataclasses.fields(self):
