@@ -81,10 +81,11 @@ def s3_client():
 
 
 def _broken_stream() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import ProtocolError
 
-    return (ResponseStreamingError, IncompleteReadError, ProtocolError)
+    # A body that stalls past the read timeout is as broken as one that was cut.
+    return (ResponseStreamingError, IncompleteReadError, ProtocolError, ReadTimeoutError)
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:

@@ -189,7 +189,9 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed + rank)  # per-rank augmentation; DeepSpeed broadcasts rank 0's weights
+    # Initial weights from the run's seed (DeepSpeed also broadcasts rank 0's); augmentation
+    # randomness comes from data.seed, the epoch and the stream, not from torch's RNG.
+    torch.manual_seed(cfg.train.seed)
 
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
     steps_per_epoch = max(1, batches // cfg.train.grad_accum)
@@ -220,7 +222,8 @@ def train_loop(loop_config: dict) -> None:
         criterion.train()
         loader = data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=epoch)
         sums: dict[str, float] = {}
-        n_logged, skipped, samples, wait, t_epoch = 0, 0.0, 0, 0.0, time.perf_counter()
+        n_logged, skipped, skipped_shards, samples, wait = 0, 0.0, 0.0, 0, 0.0
+        t_epoch = time.perf_counter()
         t_mark = time.perf_counter()
         window = {"wait": 0.0, "samples": 0}
         it = iter(loader)
@@ -239,6 +242,7 @@ def train_loop(loop_config: dict) -> None:
                 engine.module.momentum_update()
                 step += 1
             skipped += float(batch["skipped_samples"])
+            skipped_shards += float(batch["skipped_shards"])
             n = int(batch["label"].shape[0])
             samples += n
             window["samples"] += n
@@ -262,9 +266,11 @@ def train_loop(loop_config: dict) -> None:
             wait += t1 - t0
         elapsed = time.perf_counter() - t_epoch
         epoch_metrics = _reduce({**{k: v / max(1, n_logged) for k, v in sums.items()}}, device)
-        totals = _reduce({"skipped": skipped, "samples": float(samples), "wait": wait}, device, op="sum")
+        totals = _reduce({"skipped": skipped, "skipped_shards": skipped_shards, "samples": float(samples),
+                          "wait": wait}, device, op="sum")
         epoch_metrics.update({
             "epoch": epoch + 1, "step": step, "skipped_samples": int(totals["skipped"]),
+            "skipped_shards": int(totals["skipped_shards"]),
             "samples_per_s": totals["samples"] / elapsed, "samples_per_s_worker": samples / elapsed,
             "data_wait": totals["wait"] / world / elapsed, "lr": engine.get_lr()[0], "world_size": world,
             "nodes": nodes, "queue_filled": int(criterion.queue_filled),
