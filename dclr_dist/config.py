@@ -369,9 +369,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Config:
-    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), validating it."""
+def config_from_dict(tree: dict[str, Any], where: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), with
+    ``key=value`` overrides applied, validating it."""
     cfg = _build(Config, tree, prefix="", where=where)
+    for item in overrides:
+        _apply_override(cfg, item)
     cfg.validate(where)
     return cfg
 

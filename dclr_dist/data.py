@@ -60,7 +60,8 @@ After ``to_device`` (or from the loader itself with ``views.where: worker``):
 Evaluation batch (``eval_loader``; every video once across ranks, in shard order):
     clips: (B, N, 3, T, H, W) uint8, N uniformly spaced clips per video, and box (B, 4),
     their centre crop; after ``to_device``: clips (B, N, 3, T, S, S) float32, normalised.
-    label (B,) int64; key; the skip counts.
+    label (B,) int64; key; meta: list of B dicts, each record's meta (the manifest's extra
+    columns, e.g. {"scene": "scene003"} in the synthetic corpus; {} where none); the skip counts.
 """
 
 from __future__ import annotations
@@ -430,7 +431,7 @@ def _eval_item(sample: dict, cfg: ViewsConfig, num_clips: int) -> dict:
     clips = [clip_indices(int(s), T, stride, n) for s in starts]
     frames = decode_frames(sample["mp4"], sorted({i for c in clips for i in c}), sample["__gop__"])
     return {"label": record["label"], "key": sample["__key__"], "clips": [[frames[i] for i in c] for c in clips],
-            "box": views.center_box(*frames[clips[0][0]].shape[:2])}
+            "box": views.center_box(*frames[clips[0][0]].shape[:2]), "meta": record.get("meta", {})}
 
 
 def _frames(videos: list[list[np.ndarray]]) -> torch.Tensor:
@@ -465,6 +466,7 @@ def _collate(items: list[dict], skips: _Skips) -> dict:
         x = _frames([[f for clip in it["clips"] for f in clip] for it in items])  # (B, N*T, H, W, 3)
         batch["clips"] = x.unflatten(1, (N, T)).permute(0, 1, 5, 2, 3, 4)  # (B, N, 3, T, H, W)
         batch["box"] = torch.tensor([it["box"] for it in items], dtype=torch.float32)
+        batch["meta"] = [it["meta"] for it in items]
     batch["skipped_samples"], batch["skipped_shards"] = map(torch.tensor, skips.take())
     return batch
 

@@ -197,7 +197,10 @@ def train_loop(loop_config: dict) -> None:
     steps_per_epoch = max(1, batches // cfg.train.grad_accum)
     engine, criterion = build(cfg, world, steps_per_epoch, device)
 
-    start_epoch, best = 0, math.inf
+    # best/ keeps the epoch with the highest k-NN accuracy on data.eval where it is measured
+    # (eval.every; contrastive losses are not comparable across temperatures), else the lowest loss.
+    ranking = "knn_acc" if cfg.eval.every else "loss"
+    start_epoch, best = 0, {"metric": ranking, "value": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -209,7 +212,16 @@ def train_loop(loop_config: dict) -> None:
                     "choose a new train.name to start afresh.")
             _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
             criterion.load_state_dict(client["criterion"])
-            start_epoch, best = client["epoch"] + 1, client["best"]
+            start_epoch = client["epoch"] + 1
+            # A run resumed with another eval.every ranks afresh, as does one checkpointed before
+            # best/ was ranked by k-NN (its "best" is a bare loss).
+            if isinstance(client["best"], dict) and client["best"]["metric"] == ranking:
+                best = client["best"]
+            if start_epoch >= cfg.train.epochs:
+                # Already finished (e.g. a sweep retried after the run ended): report its final
+                # metrics again so the caller (Tune) sees the result instead of nothing.
+                ray.train.report(client["metrics"])
+                return
 
     log = MetricsLog(run_url) if rank == 0 else None
     if log is not None and start_epoch:
@@ -275,50 +287,68 @@ def train_loop(loop_config: dict) -> None:
             "data_wait": totals["wait"] / world / elapsed, "lr": engine.get_lr()[0], "world_size": world,
             "nodes": nodes, "queue_filled": int(criterion.queue_filled),
         })
-        improved = epoch_metrics["loss"] < best
-        best = min(best, epoch_metrics["loss"])
+        last = epoch + 1 == cfg.train.epochs
+        if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
+            from dclr_dist.eval import knn_monitor
+
+            epoch_metrics["knn_acc"] = knn_monitor(engine.module.encoder_q.f, cfg, device, rank, world)
+            if rank == 0:
+                print(f"epoch {epoch + 1}/{cfg.train.epochs} k-NN accuracy {epoch_metrics['knn_acc']:.1%} on "
+                      "data.eval (leave-one-out)", flush=True)
+        value = epoch_metrics.get(ranking)
+        if value is not None and (best["value"] is None or
+                                  (value > best["value"] if ranking == "knn_acc" else value < best["value"])):
+            best = {"metric": ranking, "value": value}
+            if rank == 0:
+                _save_best(engine, cfg, world, epoch, run_url, epoch_metrics)
         if log is not None:
             log.write("epoch", epoch + 1, epoch_metrics)
             log.sync()
-        last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
-            _report_with_checkpoint(engine, criterion, cfg, epoch, best, world, rank, run_url, improved,
-                                    epoch_metrics)
+            _report_with_checkpoint(engine, criterion, cfg, epoch, best, world, rank, run_url, epoch_metrics)
         else:
             ray.train.report(epoch_metrics)
     if log is not None:
         log.close()
 
 
-def _report_with_checkpoint(engine, criterion, cfg: Config, epoch: int, best: float, world: int, rank: int,
-                            run_url: str, improved: bool, metrics: dict) -> None:
+def _checkpoint_meta(cfg: Config, world: int, epoch: int) -> dict:
+    """meta.json of a checkpoint and of best/: what `python -m dclr_dist.eval` needs to rebuild f."""
+    return {"world_size": world, "epoch": epoch + 1,
+            "model": {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": epoch + 1}, "config": cfg.to_dict()}
+
+
+def _report_with_checkpoint(engine, criterion, cfg: Config, epoch: int, best: dict, world: int, rank: int,
+                            run_url: str, metrics: dict) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={
-            "epoch": epoch, "best": best, "criterion": criterion.state_dict()})
+            "epoch": epoch, "best": best, "criterion": criterion.state_dict(), "metrics": metrics})
         if rank == 0:
-            backbone = export_backbone(engine)
-            model_info = {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": epoch + 1}
-            (Path(d) / "backbone.pt").write_bytes(backbone)
-            (Path(d) / "meta.json").write_text(json.dumps({
-                "world_size": world, "epoch": epoch + 1, "model": model_info, "config": cfg.to_dict()}))
+            (Path(d) / "backbone.pt").write_bytes(export_backbone(engine))
+            (Path(d) / "meta.json").write_text(json.dumps(_checkpoint_meta(cfg, world, epoch)))
             # The run's newest state, readable by the driver before it starts workers.
             storage.write_bytes(storage.join(run_url, "latest.json"), json.dumps({
                 "world_size": world, "epoch": epoch + 1, "metrics": metrics}).encode())
-            if improved:
-                # The best backbone (lowest epoch loss so far) outlives Ray's keep-the-newest-N.
-                storage.write_bytes(storage.join(run_url, "best/backbone.pt"), backbone)
-                storage.write_bytes(storage.join(run_url, "best/meta.json"),
-                                    json.dumps({**model_info, "metrics": metrics}).encode())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _save_best(engine, cfg: Config, world: int, epoch: int, run_url: str, metrics: dict) -> None:
+    """best/: the backbone of the best epoch so far, which outlives Ray's keep-the-newest-N.
+
+    Written at every improvement, checkpoint epoch or not, so an improvement between
+    checkpoints is not lost; meta.json last, as the mark of a complete pair.
+    """
+    storage.write_bytes(storage.join(run_url, "best/backbone.pt"), export_backbone(engine))
+    storage.write_bytes(storage.join(run_url, "best/meta.json"),
+                        json.dumps({**_checkpoint_meta(cfg, world, epoch), "metrics": metrics}).encode())
 
 
 # --------------------------------------------------------------------------- driver side
 
-def _storage(cfg: Config):
+def ray_storage(path: str):
     """(storage_path, filesystem) for RunConfig: S3 through pyarrow with AWS_ENDPOINT_URL honoured."""
-    path = cfg.train.storage_path
     if not storage.is_s3(path):
         return str(Path(path).resolve()), None
     import pyarrow.fs
@@ -337,8 +367,31 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATT
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def _forwarded_env() -> dict[str, str]:
+def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in _AWS_ENV if k in os.environ}
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one, once per process."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = forwarded_env()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return
+    # Ray Train's placement-group cleaner finds its cluster through the state API, whose
+    # auto-discovery fails when several Ray clusters share the machine (tests, sweeps next
+    # to a dev cluster); placement groups then leak and the next run waits forever. Name
+    # the local cluster's API server for it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
 
 
 def ensure_demo_shards(cfg: Config) -> None:
@@ -356,23 +409,39 @@ def ensure_demo_shards(cfg: Config) -> None:
         pack(str(manifest), str(root / split), cfg.shard, split=split, workers=os.cpu_count() or 1)
 
 
-def fit(cfg: Config):
-    """Start (or resume) the run on the Ray cluster in RAY_ADDRESS, or a local one."""
+def make_paths_absolute(cfg: Config) -> None:
+    """Workers (and Tune trials) run in other working directories: ship absolute local paths."""
+    def absolute(url: str) -> str:
+        return url if storage.is_s3(url) else str(Path(url).resolve())
+
+    cfg.data.train = [absolute(u) for u in cfg.data.train]
+    cfg.data.eval = [absolute(u) for u in cfg.data.eval]
+    cfg.train.storage_path = absolute(cfg.train.storage_path)
+
+
+def fit(cfg: Config, callbacks: list | None = None):
+    """Start (or resume) the run on the Ray cluster in RAY_ADDRESS, or a local one.
+
+    ``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep runs this.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dclr_dist import data
 
-    # Workers may not share the driver's working directory: ship absolute local paths.
-    for key in ("train", "eval"):
-        setattr(cfg.data, key, [u if storage.is_s3(u) else str(Path(u).resolve()) for u in getattr(cfg.data, key)])
+    make_paths_absolute(cfg)
     # Before any worker starts: missing shards or a bad epoch length fail in seconds.
     if not cfg.data.train:
         raise data.DataError("data.train is empty: set it to the shards to train on (an index.json, a folder "
                              "or s3:// prefix packed by `python -m dclr_dist.shard`, or .tar URLs)")
     data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), cfg.train.workers)
-    storage_path, fs = _storage(cfg)
+    if cfg.eval.every:
+        if not cfg.data.eval:
+            raise data.DataError(f"eval.every is {cfg.eval.every} and data.eval is empty: set data.eval to "
+                                 "labelled validation shards for the k-NN monitor, or eval.every=0")
+        data.resolve_shards(cfg.data.eval)
+    storage_path, fs = ray_storage(cfg.train.storage_path)
     run_url = storage.join(cfg.train.storage_path, cfg.train.name)
     latest_url = storage.join(run_url, "latest.json")
     if storage.exists(latest_url):
@@ -383,8 +452,7 @@ def fit(cfg: Config):
                              f"re-partition. Set train.workers={latest['world_size']} to resume it, or choose a "
                              "new train.name to start afresh.")
         print(f"resuming {run_url} from epoch {latest['epoch']}", flush=True)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    connect_ray()
     use_gpu = cfg.train.gpus_per_worker > 0
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
@@ -395,9 +463,9 @@ def fit(cfg: Config):
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.train.name, storage_path=storage_path, storage_filesystem=fs,
+            name=cfg.train.name, callbacks=callbacks, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            worker_runtime_env={"env_vars": forwarded_env()},
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     return trainer.fit()
@@ -438,6 +506,17 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics or {}
     print(f"done: {m.get('epoch')} epochs, {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    if demo:
+        # The demo ends with what tells a good representation from a bad one: motion accuracy
+        # on the test split's unseen scenes, and how much of the features follow the scene.
+        from dclr_dist.eval import EvalError, evaluate
+
+        run = Path(cfg.train.storage_path) / cfg.train.name
+        try:
+            evaluate(str(run), cfg.data.train, cfg.data.eval, ("linear", "knn", "scene"), out=run / "eval")
+        except (EvalError, DataError) as e:
+            print(f"error: evaluation: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -1,0 +1,261 @@
+"""Evaluation protocols end to end: a checkpoint trained by the real trainer (Ray, DeepSpeed on
+gloo) on shards of real mp4s, the k-NN monitor during training, fine-tuning on Ray Train, the
+report files and the CLI, and the errors for inputs that cannot be evaluated."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dclr_dist import data, storage
+from dclr_dist.config import load_config
+from dclr_dist.data import DataError
+from dclr_dist.eval import EvalError, Features, evaluate, knn_predict, knn_retrieval, linear_probe, scene_probe
+from dclr_dist.model import backbone
+from dclr_dist.shard.pack import pack
+from dclr_dist.shard.synth import write_corpus
+
+CLASSES = 3
+# 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.
+TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=16", "views.frames=8",
+        "views.size=32", "views.flip_p=0", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
+        "data.shuffle_initial=4", "data.epoch_samples=16", "data.eval_clips=3", "train.workers=2",
+        "train.epochs=2", "train.lr=0.05", "train.ref_batch=8", "train.log_every=1", "train.checkpoint_every=1",
+        "eval.k=3", "eval.finetune_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("eval-shards")
+    manifest = write_corpus(root / "videos", num_classes=CLASSES, train_per_class=8, test_per_class=4,
+                            train_scenes=4, test_scenes=2, frames=24, size=48, workers=2, progress=False)
+    cfg = load_config(None, ["shard.short_side=48", "shard.max_samples=8"]).shard
+    out = {}
+    for split in ("train", "test"):
+        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
+        out[split] = str(root / split)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_TMPDIR"] = "/tmp/rt-eval"
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(shards, runs: Path, *extra):
+    return load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
+                              f"train.storage_path={runs}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, shards, tmp_path_factory) -> dict:
+    """A run of the real trainer with the k-NN monitor on: its result and run folder."""
+    from dclr_dist.train import fit
+
+    runs = tmp_path_factory.mktemp("eval-runs")
+    result = fit(_cfg(shards, runs, "train.name=tiny", "eval.every=1"))
+    assert result.error is None
+    return {"result": result, "run": runs / "tiny"}
+
+
+def _checkpoint(folder: Path, f: nn.Module, cfg) -> str:
+    """A checkpoint folder as the trainer writes it (backbone.pt + meta.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(f.state_dict(), folder / "backbone.pt")
+    model = {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": 0}
+    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "epoch": 0, "model": model,
+                                                  "config": cfg.to_dict()}))
+    return str(folder)
+
+
+def test_knn_monitor_ranks_best_and_every_protocol_reports(trained, shards, tmp_path):
+    result, run = trained["result"], trained["run"]
+    # the in-training monitor: a Ray Train metric at every epoch (eval.every=1), in [0, 1]
+    assert 0 <= result.metrics["knn_acc"] <= 1
+    rows = [json.loads(line) for line in (run / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    knn = {r["epoch"]: r["knn_acc"] for r in rows if r["kind"] == "epoch"}
+    assert sorted(knn) == [1, 2] and all(0 <= v <= 1 for v in knn.values())
+    # best/ holds the epoch with the highest k-NN accuracy (the first of equals), readable by eval
+    best = json.loads((run / "best" / "meta.json").read_text())
+    assert best["metrics"]["knn_acc"] == max(knn.values())
+    assert best["epoch"] == min(e for e, v in knn.items() if v == max(knn.values()))
+    assert best["model"] == {"arch": "tiny", "width": 8, "epoch": best["epoch"]} and best["config"]["eval"]["every"] == 1
+
+    out = tmp_path / "report"
+    lines: list[str] = []
+    report = evaluate(str(run), [shards["train"]], [shards["test"]], ("all",), out=out, log=lines.append)
+    assert report["checkpoint"] == str(run / "best") and report["classes"] == ["move_left", "move_right", "move_up"]
+    assert report["videos"] == {"train": 8 * CLASSES, "test": 4 * CLASSES}
+    p = report["protocols"]
+    for name in ("linear", "knn", "finetune"):
+        assert 0 <= p[name]["top1"] <= 1 and p[name]["chance"] == pytest.approx(1 / CLASSES)
+        assert sum(map(sum, p[name]["confusion"])) == 4 * CLASSES
+        assert set(p[name]["per_class"]) == set(report["classes"])
+    recall = p["knn"]["recall"]
+    assert list(recall) == ["R@1", "R@5", "R@10", "R@20"]  # R@50 needs 50 train videos; there are 24
+    assert all(0 <= a <= b <= 1 for a, b in zip(list(recall.values()), list(recall.values())[1:]))
+    assert recall["R@20"] == 1.0  # 20 of 24 train videos always include one of the 8 of each class
+    s = p["scene"]
+    assert s["scenes"] == {"train": 4, "test": 2, "shared": 0}  # test scenes are unseen
+    for what, chance in (("scene", 1 / 4), ("motion", 1 / CLASSES)):
+        assert 0 <= s["train_probe"][what]["accuracy"] <= 1 and s["train_probe"][what]["chance"] == chance
+    assert 0 <= s["swap"] <= 1 and 0 < s["swap_queries"] <= 4 * CLASSES  # queries with both kinds of pair
+    assert 0 <= s["nn_same_motion"] <= 1 and 0 <= s["nn_same_scene"] <= 1
+    ft = p["finetune"]
+    assert ft["epochs"] == 1 and ft["videos"] == 4 * CLASSES and Path(ft["model"]).is_file()
+    assert {k.split(".")[0] for k in torch.load(ft["model"], weights_only=True)} == {"f", "fc"}
+
+    # the report files: every number, the table, and plots where matplotlib is installed
+    assert json.loads((out / "report.json").read_text())["protocols"]["linear"]["top1"] == p["linear"]["top1"]
+    table = (out / "report.txt").read_text()
+    for text in ("linear", "retrieval R@1", "scene probe, train 2-fold", "swap test", "finetune"):
+        assert text in table
+    assert table.strip() in "\n".join(lines)
+    for png in ("per_class.png", "retrieval.png", "scene.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG") and str(out / png) in lines[-1]
+
+
+def test_random_init_scores_near_chance_on_motion_and_follows_the_scene(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path)
+    torch.manual_seed(0)
+    f, _ = backbone("tiny", 8)
+    p = evaluate(_checkpoint(tmp_path / "random", f, cfg), [shards["train"]], [shards["test"]],
+                 ("linear", "knn", "scene"), log=lambda *a: None)["protocols"]
+    chance = 1 / CLASSES
+    assert p["linear"]["top1"] <= chance + 0.2 and p["knn"]["top1"] <= chance + 0.2
+    # the scene decides everything: recognised on the train split, nearest neighbours share it
+    assert p["scene"]["train_probe"]["scene"]["accuracy"] > 0.9
+    assert p["scene"]["swap"] < 0.2 and p["scene"]["nn_same_scene"] > 0.8
+
+
+def _features(x: torch.Tensor, motion: list[int], scene: list[int]) -> Features:
+    return Features(F.normalize(x, dim=1), torch.tensor(motion), [f"v{i:03d}" for i in range(len(motion))],
+                    [{"scene": f"scene{s:03d}"} for s in scene])
+
+
+def test_the_probes_tell_motion_features_from_scene_features():
+    # 3 motions x 4 scenes, 2 videos each, per split; train scenes 0-3, test scenes 4-5 (unseen)
+    g = torch.Generator().manual_seed(0)
+    split = {"train": [(m, s) for m in range(3) for s in range(4) for _ in range(2)],
+             "test": [(m, s) for m in range(3) for s in (4, 5) for _ in range(2)]}
+    code = torch.randn(10, 16, generator=g)  # one random direction per motion (0-2) and per scene (3-9)
+
+    def make(weight_motion: float, name: str) -> Features:
+        motion, scene = zip(*split[name])
+        x = weight_motion * code[list(motion)] + (1 - weight_motion) * code[[3 + s for s in scene]]
+        return _features(x + 0.05 * torch.randn(x.shape, generator=g), list(motion), list(scene))
+
+    classes = ["a", "b", "c"]
+    for w, follows in ((0.0, "scene"), (1.0, "motion")):
+        train, test = make(w, "train"), make(w, "test")
+        linear = linear_probe(train, test, classes, 1e-3)["top1"]
+        knn = knn_retrieval(train, test, classes, 3, 0.07, [1, 5])
+        s = scene_probe(train, test, classes, 1e-3)
+        if follows == "scene":  # the motion is not in the features: chance on motion, the scene decides
+            assert linear <= 0.5 and knn["top1"] <= 0.5 and s["swap"] == 0.0 and s["nn_same_scene"] == 1.0
+            assert s["train_probe"]["scene"]["accuracy"] == 1.0
+        else:  # the motion is all there is: perfect on unseen scenes, the scene is not recognised
+            assert linear == 1.0 and knn["top1"] == 1.0 and knn["recall"]["R@1"] == 1.0
+            assert s["swap"] == 1.0 and s["nn_same_motion"] == 1.0
+            assert s["train_probe"]["scene"]["accuracy"] <= 0.5 and s["train_probe"]["motion"]["accuracy"] == 1.0
+
+
+def test_knn_and_retrieval_on_known_features():
+    # four videos on a circle: 0 and 1 of class 0 close together, 2 and 3 of class 1
+    angles = torch.tensor([0.0, 0.2, 1.5, 1.7])
+    x = torch.stack([angles.cos(), angles.sin()], 1)
+    y = torch.tensor([0, 0, 1, 1])
+    assert knn_predict(x, y, x, 2, k=1, t=0.07, leave_one_out=True).tolist() == [0, 0, 1, 1]
+    # without leaving itself out each query is its own nearest neighbour
+    assert knn_predict(x, y, x, 2, k=1, t=0.07).tolist() == [0, 0, 1, 1]
+    # k larger than the gallery: every other video votes, the near one weighs most
+    assert knn_predict(x, y, x, 2, k=10, t=0.07, leave_one_out=True).tolist() == [0, 0, 1, 1]
+
+
+def _rewrite(src: str, dst: Path, edit) -> str:
+    """Copy a packed shard with each sample's JSON record passed through ``edit``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shard = data.resolve_shards([src])[0].url
+    with tarfile.open(shard) as tin, tarfile.open(dst / "shard-000000.tar", "w") as tout:
+        for member in tin:
+            payload = tin.extractfile(member).read()
+            if member.name.endswith(".json"):
+                payload = json.dumps(edit(json.loads(payload))).encode()
+                member.size = len(payload)
+            tout.addfile(member, io.BytesIO(payload))
+    return str(dst / "shard-000000.tar")
+
+
+def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
+    best = trained["run"] / "best"
+    with pytest.raises(EvalError, match="no backbone.pt here or in best/"):
+        evaluate(str(tmp_path), [shards["train"]], [shards["test"]], ("linear",))
+
+    # a checkpoint whose backbone.pt is of another backbone than its meta.json names
+    mixed = tmp_path / "mixed"
+    shutil.copytree(best, mixed)
+    meta = json.loads((mixed / "meta.json").read_text())
+    meta["model"]["width"] = meta["config"]["model"]["width"] = 16
+    (mixed / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EvalError, match="backbone.pt does not fit the tiny backbone of width 16 .* mixes files"):
+        evaluate(str(mixed), [shards["train"]], [shards["test"]], ("linear",))
+    # a config that asks for another backbone than the checkpoint holds
+    with pytest.raises(EvalError, match="holds a tiny backbone of width 8 and the config asks for r3d_18 of width 64"):
+        evaluate(str(best), [shards["train"]], [shards["test"]], ("linear",), overrides=("model.arch=r3d_18",
+                                                                                      "model.width=64"))
+
+    # shards whose records carry no label
+    unlabelled = _rewrite(shards["test"], tmp_path / "unlabelled", lambda r: {k: v for k, v in r.items() if k != "label"})
+    with pytest.raises(EvalError, match=r"no video of .*unlabelled.* could be read .* records carry an integer label"):
+        evaluate(str(best), [shards["train"]], [unlabelled], ("linear",))
+    # labelled shards without scenes: the scene probe says what it needs
+    sceneless = _rewrite(shards["test"], tmp_path / "sceneless", lambda r: {k: v for k, v in r.items() if k != "meta"})
+    with pytest.raises(EvalError, match=r"scene probe needs a scene for every video .* dclr_dist\.shard synth"):
+        evaluate(str(best), [shards["train"]], [sceneless], ("scene",))
+
+    # the in-training monitor without validation shards fails before Ray starts a worker
+    from dclr_dist.train import fit
+
+    cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", "eval.every=1",
+                             f"train.storage_path={tmp_path}"])
+    with pytest.raises(DataError, match="eval.every is 1 and data.eval is empty"):
+        fit(cfg)
+
+
+def test_cli_help_and_a_run(trained, shards, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dclr_dist.eval", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    r = cli("--help")
+    assert r.returncode == 0
+    for text in ("--checkpoint", "linear", "knn", "scene", "finetune", "recall@K", "data.eval_clips"):
+        assert text in r.stdout
+    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"],
+            "--protocol", "linear,knn", "--out", str(tmp_path / "cli"), "data.eval_clips=2")
+    assert r.returncode == 0, r.stderr
+    assert "linear    top-1, test" in r.stdout and (tmp_path / "cli" / "report.json").exists()
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["clips"] == 2
+    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"],
+            "--protocol", "linear,speed")
+    assert r.returncode == 1 and "unknown protocol(s) ['speed']" in r.stderr
+    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"], "eval.k=0")
+    assert r.returncode == 2 and "eval.k must be >= 1, got 0" in r.stderr
+    assert storage.exists(str(trained["run"] / "best" / "backbone.pt"))
