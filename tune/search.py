@@ -162,7 +162,8 @@ def summarise(results, space: dict, base: Config, sweep_url: str) -> list[dict]:
         best = float(df[OBJECTIVE].max()) if df is not None and OBJECTIVE in df else math.nan
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         params = {k: r.config.get(k) for k in space}
-        rows.append({"trial": Path(r.path).name, **params, OBJECTIVE: best, "epochs": epochs,
+        trial = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
+        rows.append({"trial": trial, **params, OBJECTIVE: best, "epochs": epochs,
                      "status": "error" if r.error else "done"})
     rows.sort(key=lambda row: -row[OBJECTIVE] if not math.isnan(row[OBJECTIVE]) else math.inf)
     buf = io.StringIO()
