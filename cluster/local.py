@@ -142,7 +142,10 @@ def _launch(name: str, args: list[str], root: Path, job_address: str) -> subproc
         # State-API clients inside the cluster (Ray Train's placement-group cleaner) find their
         # cluster through this; without it they scan the machine for GCS processes and give up
         # when other clusters run here too.
-        RAY_API_SERVER_ADDRESS=job_address)
+        RAY_API_SERVER_ADDRESS=job_address,
+        # Job entrypoints say `python`: it must be this environment's (with torch and the
+        # project), not whatever a non-activated shell finds first on PATH.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     with open(root / f"{name}.log", "wb") as log:
         # A session of its own: the node outlives `local.py start` and a Ctrl-C in its terminal.
         return subprocess.Popen([_ray_bin(), "start", *args], stdout=log, stderr=subprocess.STDOUT,

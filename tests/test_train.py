@@ -106,11 +106,12 @@ def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, s
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
-        # latest.json at epoch 2 is written after epoch 1's checkpoint was reported and registered
+        # Ray's controller writes its snapshot once it has registered a checkpoint: from then
+        # on a restarted worker group must resume, not start over.
         deadline = time.monotonic() + 240
-        latest = f"{bucket}/runs/killed/latest.json"
+        snapshot = f"{bucket}/runs/killed/checkpoint_manager_snapshot.json"
         while time.monotonic() < deadline:
-            if storage.exists(latest) and json.loads(storage.read_bytes(latest))["epoch"] >= 2:
+            if storage.exists(snapshot):
                 for p in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
                         p.kill()
