@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -152,3 +153,33 @@ def class_folders(tmp_path, sample_videos) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sample_videos[src], root / rel)
     return root
+
+
+def pack_synthetic(root: Path, *, classes: int, train_per_class: int, test_per_class: int, train_scenes: int,
+                   test_scenes: int, max_samples: int) -> dict[str, str]:
+    """A small synthetic scene-bias corpus (48 px, 24 frames) packed into train/test shards."""
+    from dclr_dist.config import load_config
+    from dclr_dist.shard.pack import pack
+    from dclr_dist.shard.synth import write_corpus
+
+    manifest = write_corpus(root / "videos", num_classes=classes, train_per_class=train_per_class,
+                            test_per_class=test_per_class, train_scenes=train_scenes, test_scenes=test_scenes,
+                            frames=24, size=48, workers=2, progress=False)
+    cfg = load_config(None, ["shard.short_side=48", f"shard.max_samples={max_samples}"]).shard
+    for split in ("train", "test"):
+        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
+    return {split: str(root / split) for split in ("train", "test")}
+
+
+@contextlib.contextmanager
+def local_ray(tmpdir: str, num_cpus: int = 3):
+    """A local Ray cluster for one test module (starting one costs seconds: share it)."""
+    import ray
+
+    os.environ["RAY_TMPDIR"] = tmpdir
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from dclr_dist.config import load_config
 from dclr_dist.data import DataError
 from dclr_dist.eval import EvalError, Features, evaluate, knn_predict, knn_retrieval, linear_probe, scene_probe
 from dclr_dist.model import backbone
-from dclr_dist.shard.pack import pack
-from dclr_dist.shard.synth import write_corpus
+from conftest import local_ray, pack_synthetic
 
 CLASSES = 3
 # 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.
@@ -37,26 +35,14 @@ TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=16"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("eval-shards")
-    manifest = write_corpus(root / "videos", num_classes=CLASSES, train_per_class=8, test_per_class=4,
-                            train_scenes=4, test_scenes=2, frames=24, size=48, workers=2, progress=False)
-    cfg = load_config(None, ["shard.short_side=48", "shard.max_samples=8"]).shard
-    out = {}
-    for split in ("train", "test"):
-        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
-        out[split] = str(root / split)
-    return out
+    return pack_synthetic(tmp_path_factory.mktemp("eval-shards"), classes=CLASSES, train_per_class=8,
+                          test_per_class=4, train_scenes=4, test_scenes=2, max_samples=8)
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ["RAY_TMPDIR"] = "/tmp/rt-eval"
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with local_ray("/tmp/rt-eval"):
+        yield
 
 
 def _cfg(shards, runs: Path, *extra):

@@ -16,8 +16,7 @@ import torch
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from dclr_dist.shard.pack import pack
-from dclr_dist.shard.synth import write_corpus
+from conftest import local_ray, pack_synthetic
 
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
         "views.size=32", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
@@ -27,26 +26,14 @@ TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("train-shards")
-    manifest = write_corpus(root / "videos", num_classes=3, train_per_class=4, test_per_class=2, train_scenes=3,
-                            test_scenes=2, frames=24, size=48, workers=2, progress=False)
-    cfg = load_config(None, ["shard.short_side=48", "shard.max_samples=3"]).shard
-    out = {}
-    for split in ("train", "test"):
-        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
-        out[split] = str(root / split)
-    return out
+    return pack_synthetic(tmp_path_factory.mktemp("train-shards"), classes=3, train_per_class=4, test_per_class=2,
+                          train_scenes=3, test_scenes=2, max_samples=3)
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ["RAY_TMPDIR"] = "/tmp/rt-train"
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with local_ray("/tmp/rt-train"):
+        yield
 
 
 def _cfg(shards, tmp_path, *extra):
