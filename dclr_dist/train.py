@@ -233,7 +233,8 @@ def train_loop(loop_config: dict) -> None:
         engine.train()
         criterion.train()
         loader = data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=epoch)
-        sums: dict[str, float] = {}
+        # Summed on the device: a float() per step would make the host wait for the GPU every step.
+        sums: dict[str, torch.Tensor] = {}
         n_logged, skipped, skipped_shards, samples, wait = 0, 0.0, 0.0, 0, 0.0
         t_epoch = time.perf_counter()
         t_mark = time.perf_counter()
@@ -259,7 +260,7 @@ def train_loop(loop_config: dict) -> None:
             samples += n
             window["samples"] += n
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + v.detach()
             n_logged += 1
             if boundary and step % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - t_mark
@@ -277,7 +278,7 @@ def train_loop(loop_config: dict) -> None:
                 t_mark, window = time.perf_counter(), {"wait": 0.0, "samples": 0}
             wait += t1 - t0
         elapsed = time.perf_counter() - t_epoch
-        epoch_metrics = _reduce({**{k: v / max(1, n_logged) for k, v in sums.items()}}, device)
+        epoch_metrics = _reduce({k: float(v) / max(1, n_logged) for k, v in sums.items()}, device)
         totals = _reduce({"skipped": skipped, "skipped_shards": skipped_shards, "samples": float(samples),
                           "wait": wait}, device, op="sum")
         epoch_metrics.update({
