@@ -235,16 +235,20 @@ def train_loop(loop_config: dict) -> None:
         loader = data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=epoch)
         # Summed on the device: a float() per step would make the host wait for the GPU every step.
         sums: dict[str, torch.Tensor] = {}
-        n_logged, skipped, skipped_shards, samples, wait = 0, 0.0, 0.0, 0, 0.0
+        skipped, skipped_shards, samples, wait = 0, 0, 0, 0.0
         t_epoch = time.perf_counter()
         t_mark = time.perf_counter()
         window = {"wait": 0.0, "samples": 0}
         it = iter(loader)
-        for micro in range(batches):
+        for _ in range(batches):
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
             window["wait"] += t1 - t0
+            # Counts read on the host before the copy: reading them on the GPU would sync every step.
+            skipped += int(batch["skipped_samples"])
+            skipped_shards += int(batch["skipped_shards"])
+            n = int(batch["label"].shape[0])
             batch = data.to_device(batch, device, cfg.views)
             out = engine(batch)
             losses = criterion(out)
@@ -254,14 +258,10 @@ def train_loop(loop_config: dict) -> None:
             if boundary:
                 engine.module.momentum_update()
                 step += 1
-            skipped += float(batch["skipped_samples"])
-            skipped_shards += float(batch["skipped_shards"])
-            n = int(batch["label"].shape[0])
             samples += n
             window["samples"] += n
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
-            n_logged += 1
             if boundary and step % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - t_mark
                 local = {"samples_per_s_worker": window["samples"] / elapsed, "data_wait": window["wait"] / elapsed}
@@ -278,8 +278,8 @@ def train_loop(loop_config: dict) -> None:
                 t_mark, window = time.perf_counter(), {"wait": 0.0, "samples": 0}
             wait += t1 - t0
         elapsed = time.perf_counter() - t_epoch
-        epoch_metrics = _reduce({k: float(v) / max(1, n_logged) for k, v in sums.items()}, device)
-        totals = _reduce({"skipped": skipped, "skipped_shards": skipped_shards, "samples": float(samples),
+        epoch_metrics = _reduce({k: float(v) / batches for k, v in sums.items()}, device)
+        totals = _reduce({"skipped": float(skipped), "skipped_shards": float(skipped_shards), "samples": float(samples),
                           "wait": wait}, device, op="sum")
         epoch_metrics.update({
             "epoch": epoch + 1, "step": step, "skipped_samples": int(totals["skipped"]),
