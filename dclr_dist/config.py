@@ -179,6 +179,9 @@ class ModelConfig:
     m: float = 0.999
     # Decoupling threshold on the mean-normalised activation map; null: soft weights (released code).
     threshold: float | None = None
+    # Batch norm statistics per view type (one backbone pass each for RGB, static, dynamic);
+    # false: one pass over all views, as the released code (see dclr_dist.model).
+    per_view_bn: bool = True
 
     def validate(self, where: str) -> None:
         _check(self.width >= 1, where, "model.width", f"must be >= 1, got {self.width}")

@@ -34,8 +34,15 @@ Decisions (see design.md section 2 for the released code's defects):
 - No shuffle-BN: on GPU the backbones use SyncBN (statistics over the global batch, as
   in SimCLR and MoCo v3), which removes the intra-GPU batch statistics shuffle-BN was
   for, and there is no key/map permutation left to misalign (the released code's bug).
-  Views are concatenated into one backbone pass, so one BN batch holds the RGB, static
-  and dynamic inputs, as in the released code.
+- Batch norm per view type (``per_view_bn``, default): the backbone runs once per view
+  type (RGB, static, dynamic), so each BN batch holds one kind of input. The released
+  code concatenates all views into one pass; then the dynamic views (near zero except
+  where something moves) are normalised with statistics dominated by RGB and static
+  inputs, their features come out alike for every video, and the dynamic terms stay at
+  their uniform value (measured on the synthetic corpus, see the README's scene-bias
+  section). The query and key encoders also see
+  different mixes of view types (3 vs 5 inputs), so joint statistics differ between them.
+  ``per_view_bn=False`` keeps the released code's single pass.
 - In-batch mode (`in_batch=True`): the k-side views go through the query encoder with
   gradient and the loss uses the global batch instead of queues; the key encoder then
   only provides activation maps and neighbour-search probes.
@@ -160,18 +167,21 @@ class DCLR(nn.Module):
     """
 
     def __init__(self, arch: str = "r2plus1d_18", width: int = 64, dim: int = 128, m: float = 0.999,
-                 threshold: float | None = None, in_batch: bool = False):
+                 threshold: float | None = None, per_view_bn: bool = True, in_batch: bool = False):
         """
         arch: backbone, one of ARCHS
         width: base channel width (tiny only; the torchvision networks exist only at 64)
         dim: embedding dimension of the heads (paper: 128)
         m: momentum of the key encoder (paper: 0.999)
         threshold: decoupling threshold on the mean-normalised activation map; None for soft weights
+        per_view_bn: one backbone pass per view type, so batch norm never mixes RGB, static
+            and dynamic inputs (module docstring); False: one pass over all views
         in_batch: k-side views through the query encoder (in-batch negatives, see module docstring)
         """
         super().__init__()
         self.m = m
         self.threshold = threshold
+        self.per_view_bn = per_view_bn
         self.in_batch = in_batch
         self.encoder_q = Encoder(arch, width, dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
@@ -189,7 +199,7 @@ class DCLR(nn.Module):
         with torch.no_grad():
             # Key encoder: activation maps (no gradient, as designed), probes, and the keys in queue mode.
             x_k = [s_q, d_q, s_k, d_k] + ([] if self.in_batch else [v_k])
-            f_sq, f_dq, f_sk, f_dk, *f_vk = self.encoder_k.f(torch.cat(x_k)).chunk(len(x_k))  # (B, C, T', H', W')
+            f_sq, f_dq, f_sk, f_dk, *f_vk = self._features(self.encoder_k.f, x_k, "sdsdv")  # (B, C, T', H', W')
             if f_sq[0, 0].numel() == 1:
                 raise ValueError(f"input {tuple(v_q.shape[2:])} leaves a 1x1x1 feature map: too small to decouple")
             A_s, A_d = activation_map(f_sq), activation_map(f_dq)  # (B, T', H', W')
@@ -199,11 +209,25 @@ class DCLR(nn.Module):
                 k = self.encoder_k.embed(f_vk[0], f_sk, f_dk, A_sk, A_dk, self.threshold)  # (B, 5, dim)
 
         x_q = [v_q, s_q, d_q] + ([v_k, s_k, d_k] if self.in_batch else [])
-        f_q = self.encoder_q.f(torch.cat(x_q)).chunk(len(x_q))  # (B, C, T', H', W') each
+        f_q = self._features(self.encoder_q.f, x_q, "vsdvsd")  # (B, C, T', H', W') each
         q = self.encoder_q.embed(f_q[0], f_q[1], f_q[2], A_s, A_d, self.threshold)  # (B, 5, dim)
         if self.in_batch:
             k = self.encoder_q.embed(f_q[3], f_q[4], f_q[5], A_sk, A_dk, self.threshold)
         return {"q": q, "k": k, "p": p, "A_v": activation_map(f_q[0]), "A_s": A_s, "A_d": A_d}
+
+    def _features(self, f: nn.Module, xs: list[torch.Tensor], kinds: str) -> list[torch.Tensor]:
+        """f over the views xs, (B, 3, T, H, W) each, in order; kinds[i] is the type of xs[i].
+
+        One pass per view type with per_view_bn, else one pass over all.
+        """
+        if not self.per_view_bn:
+            return list(f(torch.cat(xs)).chunk(len(xs)))
+        out = [None] * len(xs)
+        for kind in dict.fromkeys(kinds[:len(xs)]):
+            idx = [i for i in range(len(xs)) if kinds[i] == kind]
+            for i, y in zip(idx, f(torch.cat([xs[i] for i in idx])).chunk(len(idx))):
+                out[i] = y
+        return out
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -77,6 +77,24 @@ def test_forward_shapes_and_gradient_paths(in_batch, threshold):
         torch.testing.assert_close(out[name].mean((1, 2, 3)), torch.ones(2))
 
 
+@pytest.mark.parametrize("in_batch", [False, True])
+@pytest.mark.parametrize("per_view_bn", [True, False])
+def test_batch_norm_statistics_per_view_type(per_view_bn, in_batch):
+    # Other RGB clips change the BN statistics of a joint pass, so the dynamic embeddings
+    # move; with one pass per view type they do not.
+    model = DCLR("tiny", width=4, dim=8, per_view_bn=per_view_bn, in_batch=in_batch)
+    x = views(B=2, S=64)
+    before = model(x)
+    other = torch.randn(4, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+    after = model({**x, "q": other[:2], "k": other[2:]})
+    same = {name: torch.allclose(before[name][:, i], after[name][:, i], atol=1e-5)
+            for name, i in (("q", 4), ("k", 4), ("p", 1))}  # g_dv(d) of both encoders, the dynamic probe
+    # In-batch mode the key encoder sees no RGB clip, so its probes never move.
+    assert same == {"q": per_view_bn, "k": per_view_bn, "p": per_view_bn or in_batch}
+    assert torch.allclose(before["A_d"], after["A_d"], atol=1e-5) == per_view_bn
+    assert not torch.allclose(before["A_v"], after["A_v"], atol=1e-5)  # the RGB map does follow its input
+
+
 def test_input_too_small_to_decouple_is_refused():
     with pytest.raises(ValueError, match="too small"):
         DCLR("tiny", width=4, dim=8)(views(S=16))  # 16 / 16 = one position per frame, T' = 1
