@@ -53,7 +53,8 @@ from dclr_dist.train import DEMO_CONFIG, fit  # noqa: E402
 
 BASELINE = ["loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0"]
 # Both methods: the demo's network and clips, on this corpus, flips off (module docstring).
-COMMON = ["views.flip_p=0", "loss.queue_size=128", "train.workers=1", "data.workers=1", "train.checkpoint_every=100",
+COMMON = ["views.flip_p=0", "loss.queue_size=128", "train.workers=1", "data.workers=1", "data.batch_size=16",
+          "train.checkpoint_every=100",
           "train.keep_checkpoints=1", "eval.every=0", "data.eval_clips=5", "eval.k=10"]
 PROTOCOLS = ("linear", "knn", "scene")
 # (label, path into the report, chance key): the table's columns.
@@ -104,7 +105,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "scene_bias"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--train-per-class", type=int, default=48)
     parser.add_argument("--test-per-class", type=int, default=16)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from dclr_dist import data, storage
 from dclr_dist.config import load_config
 from dclr_dist.data import DataError
 from dclr_dist.eval import EvalError, Features, evaluate, knn_predict, knn_retrieval, linear_probe, scene_probe
-from dclr_dist.model import backbone
+from dclr_dist.model import backbone, gap
 from conftest import local_ray, pack_synthetic
 
 CLASSES = 3
@@ -129,6 +130,32 @@ def test_random_init_scores_near_chance_on_motion_and_follows_the_scene(shards, 
     # the scene decides everything: recognised on the train split, nearest neighbours share it
     assert p["scene"]["train_probe"]["scene"]["accuracy"] > 0.9
     assert p["scene"]["swap"] < 0.2 and p["scene"]["nn_same_scene"] > 0.8
+
+
+def test_a_backbone_that_learned_the_motion_scores_above_chance(shards, tmp_path):
+    # Trained with the motion labels on the train split's clips (the scenes there say nothing
+    # about the motion), then frozen: the protocols must find the motion in unseen scenes.
+    # A self-supervised model that learns motion at this scale would take minutes; what
+    # DCLR learns is measured by benchmarks/scene_bias.py. Random clip positions and crops,
+    # no colour changes: the motion is then the one cue shared by a class's videos.
+    cfg = _cfg(shards, tmp_path, "views.jitter_p=0", "views.gray_p=0", "views.blur_p=0", "views.scale=[0.5,1]",
+               "data.batch_size=8", "data.epoch_samples=4000", "views.size=48")
+    torch.manual_seed(0)
+    f, C = backbone("tiny", 8)
+    head = nn.Linear(C, CLASSES)
+    opt = torch.optim.AdamW([*f.parameters(), *head.parameters()], lr=3e-3)
+    for batch in data.train_loader(cfg.data, cfg.views):
+        batch = data.to_device(batch, "cpu", cfg.views)
+        loss = F.cross_entropy(head(gap(f(batch["q"]))), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = evaluate(_checkpoint(tmp_path / "trained", f, cfg), [shards["train"]], [shards["test"]],
+                 ("linear", "knn", "scene"), log=lambda *a: None)["protocols"]
+    chance = 1 / CLASSES
+    assert p["linear"]["top1"] >= chance + 0.25 and p["knn"]["top1"] >= chance + 0.25, (p["linear"], p["knn"])
+    # 92% in three seeds here; the random-init test above stays at chance on the same protocols
+    assert p["scene"]["nn_same_motion"] >= chance + 0.25 and p["scene"]["swap"] > 0.5
 
 
 def _features(x: torch.Tensor, motion: list[int], scene: list[int]) -> Features:
