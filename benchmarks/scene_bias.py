@@ -2,7 +2,7 @@
 
     python benchmarks/scene_bias.py                      # 3 seeds, under 30 minutes on 2 cores
     python benchmarks/scene_bias.py --seeds 0 --epochs 4 # a quick look
-    python benchmarks/scene_bias.py train.epochs=30 ...  # overrides for both methods
+    python benchmarks/scene_bias.py loss.tau=0.1 ...     # overrides for every method
 
 On the synthetic scene-bias corpus (class = motion of a foreground object, background
 scene drawn independently of the class, test scenes never seen in training), pretrain
@@ -11,7 +11,9 @@ scene drawn independently of the class, test scenes never seen in training), pre
   top-5 cross-video positives), and
 - the baseline: the same config with loss.w_s=0 loss.w_d=0 loss.w_align=0 loss.topk=0, i.e.
   plain clip contrast (L_vv: two clips of one video as the only positive pair), the same
-  code path,
+  code path, and
+- DCLR joint BN: DCLR with the released code's single backbone pass over all views
+  (model.per_view_bn=false), the ablation of batch norm per view type,
 
 with the same budget, data and seeds (train.seed and data.seed), then evaluate the final
 checkpoint of each with ``dclr_dist.eval`` on the test split (unseen scenes): linear probe
@@ -19,14 +21,13 @@ and k-NN on the motion labels, and the scene probe. A randomly initialised backb
 each seed is evaluated too, as the floor. Prints the table (mean +- std over seeds) and
 writes ``scene_bias.json`` and ``scene_bias.png`` under ``--out``.
 
-Setting (the same for every method):
+Setting (the same for every method): the demo's recipe (tiny backbone, AdamW, batch norm
+per view type) with one worker and batch 16, and
 - horizontal flips off (views.flip_p=0): on this corpus a flip turns move_left into
   move_right, so with flips the contrastive task itself declares those classes identical;
-- the four translations (move_right/left/up/down): the motions a 3D CNN this small can tell
-  apart at all in this budget (see the README's diagnosis);
+- the four translations (move_right/left/up/down);
 - queues of 128 keys, fewer than the 192 train videos: a queue longer than the corpus holds
-  several keys of the query's own video, all counted as negatives (the demo's 512 against
-  its 96 videos does).
+  several keys of the query's own video, all counted as negatives.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ from dclr_dist.shard.synth import write_corpus  # noqa: E402
 from dclr_dist.train import DEMO_CONFIG, fit  # noqa: E402
 
 BASELINE = ["loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0"]
-# Both methods: the demo's network and clips, on this corpus, flips off (module docstring).
+# Method -> its overrides (None: an untrained backbone). "DCLR joint BN" is the released
+# code's single backbone pass over RGB, static and dynamic views (model.per_view_bn=false).
+METHODS = {"random init": None, "baseline": BASELINE, "DCLR": [], "DCLR joint BN": ["model.per_view_bn=false"]}
+# Every method: the demo's network and clips, on this corpus, flips off (module docstring).
 COMMON = ["views.flip_p=0", "loss.queue_size=128", "train.workers=1", "data.workers=1", "data.batch_size=16",
           "train.checkpoint_every=100",
           "train.keep_checkpoints=1", "eval.every=0", "data.eval_clips=5", "eval.k=10"]
@@ -111,7 +115,9 @@ def main() -> int:
     parser.add_argument("--test-per-class", type=int, default=16)
     parser.add_argument("--train-scenes", type=int, default=12)
     parser.add_argument("--test-scenes", type=int, default=6)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both methods")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                        help=f"which to run, of {list(METHODS)} (default: all)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.monotonic()
@@ -123,7 +129,7 @@ def main() -> int:
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-scene-bias")
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    methods = {"random init": None, "baseline": BASELINE, "DCLR": []}
+    methods = {m: METHODS[m] for m in args.methods}
     results: dict[str, list[dict]] = {m: [] for m in methods}
     tag = time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:
