@@ -40,8 +40,9 @@ Decisions (see design.md section 2 for the released code's defects):
   where something moves) are normalised with statistics dominated by RGB and static
   inputs, their features come out alike for every video, and the dynamic terms stay at
   their uniform value (measured on the synthetic corpus, see the README's scene-bias
-  section). The query and key encoders also see
-  different mixes of view types (3 vs 5 inputs), so joint statistics differ between them.
+  section). The query and key encoders also see different mixes of view types (3 vs 5
+  inputs), so joint statistics differ between them. The running statistics (used at
+  evaluation) average the three passes, as they averaged the joint batch before.
   ``per_view_bn=False`` keeps the released code's single pass.
 - In-batch mode (`in_batch=True`): the k-side views go through the query encoder with
   gradient and the loss uses the global batch instead of queues; the key encoder then
