@@ -36,13 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dclr_dist import views  # noqa: E402
-from dclr_dist.config import load_config  # noqa: E402
+from dclr_dist.config import BASELINE, load_config  # noqa: E402
 from dclr_dist.eval import knn_predict, logistic_regression  # noqa: E402
 from dclr_dist.loss import DCLRLoss  # noqa: E402
 from dclr_dist.model import DCLR, gap  # noqa: E402
 from dclr_dist.train import DEMO_CONFIG, ensure_demo_shards  # noqa: E402
 
-BASELINE = ["loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0"]
 
 
 def load(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -45,14 +45,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dclr_dist.config import load_config  # noqa: E402
+from dclr_dist.config import BASELINE, load_config  # noqa: E402
 from dclr_dist.eval import evaluate  # noqa: E402
 from dclr_dist.model import backbone  # noqa: E402
 from dclr_dist.shard.pack import pack  # noqa: E402
 from dclr_dist.shard.synth import write_corpus  # noqa: E402
 from dclr_dist.train import DEMO_CONFIG, fit  # noqa: E402
 
-BASELINE = ["loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0"]
 # Method -> its overrides (None: an untrained backbone). "DCLR joint BN" is the released
 # code's single backbone pass over RGB, static and dynamic views (model.per_view_bn=false).
 METHODS = {"random init": None, "baseline": BASELINE, "DCLR": [], "DCLR joint BN": ["model.per_view_bn=false"]}

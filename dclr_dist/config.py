@@ -193,6 +193,11 @@ class ModelConfig:
                f"must be >= 0 or null, got {self.threshold}")
 
 
+# The baseline as config overrides: plain clip contrast (L_vv with the two clips of one
+# video as the only positive pair), DCLR's code path with its other terms switched off.
+BASELINE = ("loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0")
+
+
 @dataclass
 class LossConfig:
     """The DCLR objective and its negatives (``dclr_dist.loss.DCLRLoss``).
