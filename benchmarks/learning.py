@@ -25,6 +25,7 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import av
@@ -115,9 +116,9 @@ def main() -> None:
     train, test = load(root, "train", v.size), load(root, "test", v.size)
     print(f"{len(train[0])} train, {len(test[0])} test videos, {len(train[2])} classes "
           f"(chance {1 / len(train[2]):.3f})", flush=True)
-    model = DCLR(**{k: getattr(cfg.model, k) for k in ("arch", "width", "dim", "m", "threshold", "per_view_bn")})
-    criterion = DCLRLoss(dim=cfg.model.dim, queue_size=cfg.loss.queue_size, tau=cfg.loss.tau, topk=cfg.loss.topk,
-                         w_vv=cfg.loss.w_vv, w_s=cfg.loss.w_s, w_d=cfg.loss.w_d, w_align=cfg.loss.w_align)
+    # Built from the config as the trainer builds them.
+    model = DCLR(**asdict(cfg.model), in_batch=cfg.loss.in_batch)
+    criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss))
     f = model.encoder_q.f
     head = torch.nn.Linear(model.encoder_q.g["vv"][0].in_features, len(train[2]))
     params = [*f.parameters(), *head.parameters()] if args.supervised else \
