@@ -117,7 +117,7 @@ def main() -> None:
     print(f"{len(train[0])} train, {len(test[0])} test videos, {len(train[2])} classes "
           f"(chance {1 / len(train[2]):.3f})", flush=True)
     # Built from the config as the trainer builds them.
-    model = DCLR(**asdict(cfg.model), in_batch=cfg.loss.in_batch)
+    model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch)
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss))
     f = model.encoder_q.f
     head = torch.nn.Linear(model.encoder_q.g["vv"][0].in_features, len(train[2]))

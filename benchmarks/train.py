@@ -34,7 +34,7 @@ from dclr_dist.train import DEMO_CONFIG, fit, lr_lambda
 def plain_loop(cfg, epochs: int) -> list[float]:
     """samples/s per epoch of a single-process PyTorch loop: no Ray, no DeepSpeed."""
     torch.manual_seed(cfg.train.seed)
-    model = DCLR(**asdict(cfg.model), in_batch=cfg.loss.in_batch)
+    model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch)
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss))
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -179,9 +179,18 @@ class ModelConfig:
     m: float = 0.999
     # Decoupling threshold on the mean-normalised activation map; null: soft weights (released code).
     threshold: float | None = None
-    # Batch norm statistics per view type (one backbone pass each for RGB, static, dynamic);
-    # false: one pass over all views, as the released code (see dclr_dist.model).
+    # Batch norm statistics per view type (RGB, static, dynamic) within the encoder's one
+    # backbone pass; false: joint statistics over all views, as the released code.
     per_view_bn: bool = True
+    # Queue mode: groups of videos per worker with batch norm statistics of their own, cut
+    # differently in the query and key encoders, so a query and its positive key never share
+    # statistics (MoCo's shuffle-BN, dclr_dist.batchnorm). They share B / G**2 of the B / G
+    # videos of a group (1 with G = sqrt(B)); 1 turns the guard off. Must divide data.batch_size.
+    bn_groups: int = 2
+    # Batch norm statistics over: "worker" (each worker's own batch; no collective), "node"
+    # (the workers of one node) or "global" (every worker); one all-reduce per BN layer per
+    # pass otherwise. Worth it when a worker's group is small (under ~8 videos).
+    bn_sync: Literal["worker", "node", "global"] = "worker"
 
     def validate(self, where: str) -> None:
         _check(self.width >= 1, where, "model.width", f"must be >= 1, got {self.width}")
@@ -191,6 +200,7 @@ class ModelConfig:
         _check(0.0 <= self.m < 1.0, where, "model.m", f"must be in [0, 1), got {self.m}")
         _check(self.threshold is None or self.threshold >= 0, where, "model.threshold",
                f"must be >= 0 or null, got {self.threshold}")
+        _check(self.bn_groups >= 1, where, "model.bn_groups", f"must be >= 1, got {self.bn_groups}")
 
 
 # The baseline as config overrides: plain clip contrast (L_vv with the two clips of one
@@ -341,6 +351,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(where)
+        _check(self.loss.in_batch or self.data.batch_size % self.model.bn_groups == 0, where, "model.bn_groups",
+               f"must divide data.batch_size ({self.data.batch_size}), got {self.model.bn_groups}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -356,7 +356,6 @@ def finetune_loop(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from dclr_dist import data
-    from dclr_dist.model import sync_batchnorm
 
     cfg = config_from_dict(loop_config["config"], where="finetune_loop_config")
     folder, num_classes = loop_config["checkpoint"], loop_config["num_classes"]
@@ -365,7 +364,10 @@ def finetune_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)  # the same classifier init everywhere (DDP also broadcasts it)
     f, C = load_backbone(folder, load_meta(folder))
-    model = ray.train.torch.prepare_model(sync_batchnorm(Classifier(f, C, num_classes).train(), device))
+    model = Classifier(f, C, num_classes).train()
+    if device.type == "cuda":  # SyncBatchNorm refuses CPU tensors once a process group exists
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
     torch.manual_seed(cfg.train.seed + rank)
 
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)

@@ -31,19 +31,17 @@ Decisions (see design.md section 2 for the released code's defects):
 - Alignment A_v ~ A_s + A_d: the query encoder's map of v (with gradient) against the
   key encoder's maps of the same clip's s and d (detached); the loss compares the maps
   themselves, not projections, so the term trains f.
-- No shuffle-BN: on GPU the backbones use SyncBN (statistics over the global batch, as
-  in SimCLR and MoCo v3), which removes the intra-GPU batch statistics shuffle-BN was
-  for, and there is no key/map permutation left to misalign (the released code's bug).
-- Batch norm per view type (``per_view_bn``, default): the backbone runs once per view
-  type (RGB, static, dynamic), so each BN batch holds one kind of input. The released
-  code concatenates all views into one pass; then the dynamic views (near zero except
-  where something moves) are normalised with statistics dominated by RGB and static
-  inputs, their features come out alike for every video, and the dynamic terms stay at
-  their uniform value (measured on the synthetic corpus, see the README's scene-bias
-  section). The query and key encoders also see different mixes of view types (3 vs 5
-  inputs), so joint statistics differ between them. The running statistics (used at
-  evaluation) average the three passes, as they averaged the joint batch before.
-  ``per_view_bn=False`` keeps the released code's single pass.
+- Batch norm (``dclr_dist.batchnorm``): each encoder runs its backbone once per step over
+  all its views, and every BN layer normalises each view type (RGB, static, dynamic;
+  ``per_view_bn``) and each of ``bn_groups`` groups of videos apart. Per view type, because
+  dynamic views normalised with RGB statistics come out alike for every video and the
+  dynamic terms never learn (README, "Does DCLR follow the motion?"); in groups that differ
+  between the query and key encoders (queue mode), so a query and its positive key are
+  never normalised over the same videos, which blocks MoCo's batch-statistics shortcut on
+  any number of workers. Running statistics come from RGB clips only: evaluation and the
+  exported backbone normalise RGB clips as training did. ``per_view_bn=False`` is the
+  released code's joint statistics over all views (then the running statistics mix them,
+  consistently between training and evaluation).
 - In-batch mode (`in_batch=True`): the k-side views go through the query encoder with
   gradient and the loss uses the global batch instead of queues; the key encoder then
   only provides activation maps and neighbour-search probes.
@@ -54,6 +52,8 @@ import copy
 import torch
 from torch import nn
 from torchvision.models import video
+
+from dclr_dist import batchnorm
 
 # The five projection heads, in the order of the embedding axis of out["q"] and out["k"].
 HEADS = ("vv", "vs", "vd", "sv", "dv")
@@ -135,7 +135,8 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str, width: int, dim: int):
         super().__init__()
-        self.f, C = backbone(arch, width)
+        f, C = backbone(arch, width)
+        self.f = batchnorm.convert(f)  # per-segment statistics; the same state_dict as f's
         # 2-layer MLPs C-C-ReLU-dim (paper: 512-512-128), one per embedding type.
         self.g = nn.ModuleDict(
             {h: nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim)) for h in HEADS}
@@ -168,22 +169,27 @@ class DCLR(nn.Module):
     """
 
     def __init__(self, arch: str = "r2plus1d_18", width: int = 64, dim: int = 128, m: float = 0.999,
-                 threshold: float | None = None, per_view_bn: bool = True, in_batch: bool = False):
+                 threshold: float | None = None, per_view_bn: bool = True, bn_groups: int = 2,
+                 in_batch: bool = False):
         """
         arch: backbone, one of ARCHS
         width: base channel width (tiny only; the torchvision networks exist only at 64)
         dim: embedding dimension of the heads (paper: 128)
         m: momentum of the key encoder (paper: 0.999)
         threshold: decoupling threshold on the mean-normalised activation map; None for soft weights
-        per_view_bn: one backbone pass per view type, so batch norm never mixes RGB, static
-            and dynamic inputs (module docstring); False: one pass over all views
+        per_view_bn: batch norm statistics per view type, so they never mix RGB, static and
+            dynamic inputs (module docstring); False: joint statistics, as the released code
+        bn_groups: G, groups of videos with batch norm statistics of their own, arranged
+            differently in the two encoders (queue mode; in-batch mode uses one group)
         in_batch: k-side views through the query encoder (in-batch negatives, see module docstring)
         """
         super().__init__()
         self.m = m
         self.threshold = threshold
         self.per_view_bn = per_view_bn
+        self.bn_groups = 1 if in_batch else bn_groups
         self.in_batch = in_batch
+        self._inverse: dict[tuple, torch.Tensor] = {}  # cached output orders of _features
         self.encoder_q = Encoder(arch, width, dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
@@ -191,6 +197,11 @@ class DCLR(nn.Module):
         # fp32 accumulator of the key parameters, see momentum_update.
         self._theta_k: list[torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(_drop_accumulator)
+
+    @classmethod
+    def from_config(cls, cfg, in_batch: bool) -> "DCLR":
+        """The model of a ``ModelConfig`` (bn_sync is the trainer's: it needs the process groups)."""
+        return cls(cfg.arch, cfg.width, cfg.dim, cfg.m, cfg.threshold, cfg.per_view_bn, cfg.bn_groups, in_batch)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Under DeepSpeed bf16 the parameters are bf16 and the loader's views fp32.
@@ -200,7 +211,7 @@ class DCLR(nn.Module):
         with torch.no_grad():
             # Key encoder: activation maps (no gradient, as designed), probes, and the keys in queue mode.
             x_k = [s_q, d_q, s_k, d_k] + ([] if self.in_batch else [v_k])
-            f_sq, f_dq, f_sk, f_dk, *f_vk = self._features(self.encoder_k.f, x_k, "sdsdv")  # (B, C, T', H', W')
+            f_sq, f_dq, f_sk, f_dk, *f_vk = self._features(self.encoder_k.f, x_k, "sdsdv", transposed=True)
             if f_sq[0, 0].numel() == 1:
                 raise ValueError(f"input {tuple(v_q.shape[2:])} leaves a 1x1x1 feature map: too small to decouple")
             A_s, A_d = activation_map(f_sq), activation_map(f_dq)  # (B, T', H', W')
@@ -210,25 +221,28 @@ class DCLR(nn.Module):
                 k = self.encoder_k.embed(f_vk[0], f_sk, f_dk, A_sk, A_dk, self.threshold)  # (B, 5, dim)
 
         x_q = [v_q, s_q, d_q] + ([v_k, s_k, d_k] if self.in_batch else [])
-        f_q = self._features(self.encoder_q.f, x_q, "vsdvsd")  # (B, C, T', H', W') each
+        f_q = self._features(self.encoder_q.f, x_q, "vsdvsd", transposed=False)  # (B, C, T', H', W') each
         q = self.encoder_q.embed(f_q[0], f_q[1], f_q[2], A_s, A_d, self.threshold)  # (B, 5, dim)
         if self.in_batch:
             k = self.encoder_q.embed(f_q[3], f_q[4], f_q[5], A_sk, A_dk, self.threshold)
         return {"q": q, "k": k, "p": p, "A_v": activation_map(f_q[0]), "A_s": A_s, "A_d": A_d}
 
-    def _features(self, f: nn.Module, xs: list[torch.Tensor], kinds: str) -> list[torch.Tensor]:
-        """f over the views xs, (B, 3, T, H, W) each, in order; kinds[i] is the type of xs[i].
+    def _features(self, f: nn.Module, xs: list[torch.Tensor], kinds: str, transposed: bool) -> list[torch.Tensor]:
+        """f over the views xs, (B, 3, T, H, W) each, in one pass; kinds[i] is the type of xs[i].
 
-        One pass per view type with per_view_bn, else one pass over all.
+        The views are stacked in batch-norm segments (``batchnorm.bn_layout``) and the
+        features put back in the order of xs; transposed: the key encoder's groups.
         """
-        if not self.per_view_bn:
-            return list(f(torch.cat(xs)).chunk(len(xs)))
-        out = [None] * len(xs)
-        for kind in dict.fromkeys(kinds[:len(xs)]):
-            idx = [i for i in range(len(xs)) if kinds[i] == kind]
-            for i, y in zip(idx, f(torch.cat([xs[i] for i in idx])).chunk(len(idx))):
-                out[i] = y
-        return out
+        B, kinds = xs[0].shape[0], kinds[:len(xs)]
+        pieces, segments, rgb = batchnorm.bn_layout(kinds, B, self.bn_groups, transposed, self.per_view_bn)
+        key = (kinds, B, self.bn_groups, transposed, self.per_view_bn, xs[0].device)
+        if key not in self._inverse:  # built once per layout: a host-to-device copy per step would sync
+            position = torch.empty(len(xs) * B, dtype=torch.long)
+            position[torch.cat([torch.arange(B)[sl] + i * B for i, sl in pieces])] = torch.arange(len(xs) * B)
+            self._inverse[key] = position.to(xs[0].device)
+        with batchnorm.layout(f, segments, rgb):
+            y = f(torch.cat([xs[i][sl] for i, sl in pieces]))  # (len(xs) * B, C, T', H', W')
+        return list(y.index_select(0, self._inverse[key]).chunk(len(xs)))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -254,12 +268,3 @@ class DCLR(nn.Module):
 def _drop_accumulator(model: DCLR, incompatible_keys) -> None:
     """After load_state_dict the fp32 key accumulator is stale; momentum_update rebuilds it."""
     model._theta_k = None
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """SyncBN (statistics over all workers) on CUDA; plain BN elsewhere.
-
-    SyncBatchNorm refuses CPU tensors once a process group exists, so CPU runs keep
-    per-worker BN.
-    """
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model

@@ -75,11 +75,12 @@ def build(cfg: Config, world_size: int, steps_per_epoch: int, device: torch.devi
     """Model, loss and DeepSpeed engine for one worker."""
     import deepspeed
 
+    from dclr_dist.batchnorm import set_sync
     from dclr_dist.loss import DCLRLoss
-    from dclr_dist.model import DCLR, sync_batchnorm
+    from dclr_dist.model import DCLR
 
-    model = DCLR(**asdict(cfg.model), in_batch=cfg.loss.in_batch)
-    model = sync_batchnorm(model, device).to(device)
+    model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch).to(device)
+    set_sync(model, bn_group(cfg.model.bn_sync))
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss)).to(device)
     global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
     lr = cfg.train.lr * global_batch / cfg.train.ref_batch
@@ -92,6 +93,29 @@ def build(cfg: Config, world_size: int, steps_per_epoch: int, device: torch.devi
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), dist_init_required=False)
     return engine, criterion
+
+
+def bn_group(sync: str):
+    """The process group batch norm statistics are summed over (model.bn_sync); None: per worker.
+
+    "node": one group per Ray node; every rank creates every group, as new_group requires.
+    """
+    import torch.distributed as dist
+
+    if sync == "worker" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if sync == "global":
+        return dist.group.WORLD
+    import ray
+
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    mine = None
+    for node in dict.fromkeys(nodes):
+        group = dist.new_group([r for r, n in enumerate(nodes) if n == node])
+        if node == nodes[dist.get_rank()]:
+            mine = group
+    return mine
 
 
 class MetricsLog:

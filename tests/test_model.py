@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dclr_dist.loss import DCLRLoss
-from dclr_dist.model import DCLR, VIEWS, activation_map, backbone, pool, sync_batchnorm
+from dclr_dist import batchnorm
+from dclr_dist.model import DCLR, VIEWS, VV, activation_map, backbone, gap, pool
 
 
 def views(B=2, T=8, S=32):
@@ -97,7 +98,7 @@ def test_batch_norm_statistics_per_view_type(per_view_bn, in_batch):
 
 def test_input_too_small_to_decouple_is_refused():
     with pytest.raises(ValueError, match="too small"):
-        DCLR("tiny", width=4, dim=8)(views(S=16))  # 16 / 16 = one position per frame, T' = 1
+        DCLR("tiny", width=4, dim=8)(views(B=4, S=16))  # 16 / 16 = one position per frame, T' = 1
 
 
 def test_key_encoder_starts_as_frozen_copy():
@@ -159,10 +160,88 @@ def test_load_state_dict_resets_the_bf16_accumulator():
         torch.testing.assert_close(p_k, (0.5 + 0.5 * p_q.float()).bfloat16())
 
 
-def test_sync_batchnorm_only_on_cuda():
-    model = DCLR("tiny", width=4, dim=8)
-    assert sync_batchnorm(model, torch.device("cpu")) is model
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    synced = sync_batchnorm(model, torch.device("cuda"))  # conversion only; nothing runs on CUDA
-    assert not any(type(m) is nn.BatchNorm3d for m in synced.modules())
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 8  # 4 per encoder
+def groups_of(B: int, G: int, transposed: bool, world: int = 1) -> list[set]:
+    """For each video (rank, i), the videos whose RGB clips share its batch norm statistics.
+
+    Read off bn_layout's segments; with statistics synchronised over ``world`` workers a
+    segment is the union of that segment on every worker (the same layout on each).
+    """
+    pieces, segments, rgb = batchnorm.bn_layout("vsd", B, G, transposed, per_view=True)
+    videos, members = [], []
+    for view, sl in pieces:
+        videos += [(view, i) for i in range(B)[sl]]
+    start = 0
+    for size in segments[:rgb]:
+        members.append({i for view, i in videos[start:start + size] if view == 0})
+        start += size
+    of = {}
+    for seg in members:
+        for i in seg:
+            of[i] = {(r, j) for r in range(world) for j in seg}
+    return [of[i] for i in range(B)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("B, G", [(4, 2), (8, 2), (16, 4), (6, 3), (10, 2)])
+def test_a_query_never_shares_batch_norm_statistics_with_its_positive_key(B, G, world):
+    query, key = groups_of(B, G, False, world), groups_of(B, G, True, world)
+    for i in range(B):
+        assert (0, i) in query[i] and (0, i) in key[i]
+        assert query[i] != key[i]
+        if (B // G) % G == 0:  # spread evenly: B / G**2 of a group's videos are shared
+            assert len(query[i] & key[i]) == world * B // G ** 2
+    assert len(groups_of(B, 1, True)[0]) == B  # bn_groups=1: the guard is off
+
+
+def test_model_normalises_queries_and_keys_in_the_groups_of_the_layout():
+    # B = 4, G = 2: query groups {0, 1}, {2, 3}; key groups {0, 2}, {1, 3}.
+    model = DCLR("tiny", width=4, dim=8, bn_groups=2)
+    x = views(B=4, S=64)
+    base = model(x)
+
+    def moved(view: str, j: int, out: str) -> list[bool]:
+        y = {**x, view: x[view].clone()}
+        y[view][j] += 1.0
+        return [not torch.allclose(model(y)[out][i, VV], base[out][i, VV], atol=1e-6) for i in range(4)]
+
+    assert moved("q", 1, "q") == [True, True, False, False]
+    assert moved("k", 2, "k") == [True, False, True, False]
+    with pytest.raises(ValueError, match="bn_groups"):
+        DCLR("tiny", width=4, dim=8, bn_groups=3)(x)
+
+
+def test_running_statistics_come_from_rgb_clips_only():
+    # Two models see the same RGB clips and very different static and dynamic views: their
+    # running statistics must be equal, and eval-mode features of RGB clips must match
+    # train-mode features normalised with RGB statistics alone.
+    g = torch.Generator().manual_seed(0)
+    rgb = [0.5 + 0.8 * torch.randn(8, 3, 8, 64, 64, generator=g) for _ in range(40)]
+    torch.manual_seed(0)
+    models = [DCLR("tiny", width=4, dim=8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    with torch.no_grad():
+        for step, x in enumerate(rgb):
+            for scale, model in ((1.0, models[0]), (5.0, models[1])):
+                other = scale * torch.randn(8, 3, 8, 64, 64, generator=g)
+                model({"q": x, "k": x.flip(0), "static_q": other, "static_k": other, "dynamic_q": other / 10,
+                       "dynamic_k": other / 10})
+    f0, f1 = models[0].encoder_q.f, models[1].encoder_q.f
+    for a, b in zip(f0.state_dict().values(), f1.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    # The audit's counterfactual: the same weights with running statistics of all three view types.
+    mixed, _ = backbone("tiny", 4)
+    mixed.load_state_dict(f0.state_dict())
+    with torch.no_grad():
+        for x in rgb:
+            for y in (x, torch.randn(8, 3, 8, 64, 64, generator=g), torch.randn(8, 3, 8, 64, 64, generator=g) / 10):
+                mixed.train()(y[:4]), mixed(y[4:])
+    test = 0.5 + 0.8 * torch.randn(16, 3, 8, 64, 64, generator=g)
+    with torch.no_grad():
+        train_mode = gap(f0.train()(test))  # batch statistics of 16 RGB clips
+        error = {name: ((gap(f.eval()(test)) - train_mode).norm() / train_mode.norm()).item()
+                 for name, f in (("rgb", f0), ("mixed", mixed))}
+    # What remains is the noise of statistics over groups of 4 small clips (1 x 4 x 4 positions at the last layer).
+    assert error["rgb"] < 0.15 and error["mixed"] > 3 * error["rgb"], error
+    # The buffers are BatchNorm3d's: the backbone loads into a plain network.
+    plain, _ = backbone("tiny", 4)
+    plain.load_state_dict(f0.state_dict())
