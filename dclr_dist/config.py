@@ -222,6 +222,13 @@ class LossConfig:
     tau: float = 0.07
     # Cross-video positives per query, nearest by static/dynamic similarity (paper: 5).
     topk: int = 5
+    # L_vv's cross-video positives: "static+dynamic" (released code: neighbours by both
+    # similarities), "dynamic" (by motion only) or "none" (the other clip only). Static
+    # neighbours are same-scene videos where scene and action are independent (README).
+    vv_positives: Literal["static+dynamic", "dynamic", "none"] = "static+dynamic"
+    # Optimizer steps (training forwards) before any cross-video positive is used: at first
+    # the embeddings' nearest neighbours are noise.
+    topk_warmup: int = 0
     # Weight of L_vv, RGB clip against RGB clip (paper: 1).
     w_vv: float = 1.0
     # Weight of L_v->s + L_s->v, static decoupling (paper: 1).
@@ -237,6 +244,7 @@ class LossConfig:
     def validate(self, where: str) -> None:
         _check(self.tau > 0, where, "loss.tau", f"must be > 0, got {self.tau}")
         _check(self.topk >= 0, where, "loss.topk", f"must be >= 0, got {self.topk}")
+        _check(self.topk_warmup >= 0, where, "loss.topk_warmup", f"must be >= 0, got {self.topk_warmup}")
         _check(self.in_batch or self.queue_size > self.topk, where, "loss.queue_size",
                f"must exceed loss.topk ({self.topk}), got {self.queue_size}")
         for key in ("w_vv", "w_s", "w_d", "w_align"):

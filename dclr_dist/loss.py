@@ -9,10 +9,15 @@ Each contrastive term is InfoNCE at temperature tau with several positives (MIL-
 form, as the released code): -log(sum_{p in P} exp(q.p / tau) / sum_j exp(q.k_j / tau)).
 P holds the paired key and the top-k candidates nearest to the query's probe
 ("cross-video search"): its static embedding for L_v->s and L_s->v, its dynamic one
-for L_v->d and L_d->v, the sum of both cosine similarities for L_vv (the released code
-sums their softmaxes, same ranking up to the two normalisers). The probes are the
-key encoder's g_sv(s_q), g_dv(d_q); candidates are compared with the static (dynamic)
-keys at the same index, so one neighbour set serves both directions.
+for L_v->d and L_d->v. For L_vv, ``vv_positives`` chooses: "static+dynamic" (released
+code: the sum of the two softmaxes over the candidates, temperature 1), "dynamic" (the
+dynamic neighbours only) or "none" (the paired key only). On data whose scene is
+independent of the action, static+dynamic neighbours are mostly same-scene videos, and
+L_vv then pulls RGB embeddings together by scene. The probes are the key encoder's
+g_sv(s_q), g_dv(d_q); candidates are compared with the static (dynamic) keys at the same
+index, so one neighbour set serves both directions. No cross-video positive is used in
+the first ``topk_warmup`` training steps (counted by the loss): until the embeddings
+have learned something, the nearest neighbours are noise (the static ones: scene).
 
     term    query     candidate keys
     L_vv    g_vv(v)   g_vv(v')
@@ -53,7 +58,9 @@ from dclr_dist.model import DV, HEADS, SV, VD, VS, VV, fp32_or_wider
 
 # Loss term -> (query embedding, key embedding) as indices into the HEADS axis, and the
 # similarity that picks its cross-video positives: static, dynamic or their sum.
-TERMS = {"vv": (VV, VV, "s+d"), "v_s": (VS, SV, "s"), "s_v": (SV, VS, "s"), "v_d": (VD, DV, "d"), "d_v": (DV, VD, "d")}
+# "vv" is chosen by DCLRLoss.vv_positives.
+TERMS = {"vv": (VV, VV, "vv"), "v_s": (VS, SV, "s"), "s_v": (SV, VS, "s"), "v_d": (VD, DV, "d"), "d_v": (DV, VD, "d")}
+VV_POSITIVES = ("static+dynamic", "dynamic", "none")
 
 
 def world() -> tuple[int, int]:
@@ -130,17 +137,22 @@ class DCLRLoss(nn.Module):
 
     def __init__(self, dim: int = 128, queue_size: int = 16384, tau: float = 0.07, topk: int = 5,
                  w_vv: float = 1.0, w_s: float = 1.0, w_d: float = 1.0, w_align: float = 0.1,
-                 in_batch: bool = False):
+                 vv_positives: str = "static+dynamic", topk_warmup: int = 0, in_batch: bool = False):
         """
         dim: embedding dimension (the model's)
         queue_size: keys per queue, queue mode (paper: 16384 Kinetics-400, 2048 UCF-101)
         tau: InfoNCE temperature (paper: 0.07)
         topk: cross-video positives per query (paper: 5; 0 for the baseline)
         w_vv, w_s, w_d, w_align: loss weights (released code: 1, 1, 1, 0.1)
+        vv_positives: how L_vv's cross-video positives are chosen, one of VV_POSITIVES
+        topk_warmup: training steps (forward calls in training mode) before any cross-video positive
         in_batch: negatives from the global batch, gathered with gradient, instead of queues
         """
         super().__init__()
+        if vv_positives not in VV_POSITIVES:
+            raise ValueError(f"vv_positives {vv_positives!r} is not one of {VV_POSITIVES}")
         self.tau, self.topk, self.in_batch = tau, topk, in_batch
+        self.vv_positives, self.topk_warmup = vv_positives, topk_warmup
         self.w = {"vv": w_vv, "v_s": w_s, "s_v": w_s, "v_d": w_d, "d_v": w_d, "align": w_align}
         # Random unit keys (MoCo) from a fixed seed, so all ranks start with the same queues.
         # Negatives only: unfilled entries are never chosen as neighbours.
@@ -150,6 +162,7 @@ class DCLRLoss(nn.Module):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot of the ring
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots holding real keys
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards, for topk_warmup
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # fp32 whatever the model's dtype: bf16 cosines divided by tau = 0.07 are off by up to ~0.03.
@@ -169,10 +182,16 @@ class DCLRLoss(nn.Module):
             valid = (torch.arange(bank.shape[0], device=q.device) < self.queue_filled).expand(B, -1)  # (B, K)
 
         # Cross-video search, no gradient: probes against the static and dynamic candidate keys.
+        # After the warm-up only; a tensor comparison, so no host sync.
         cand = bank.detach()
+        valid = valid & (self.steps >= self.topk_warmup)
         sim_s, sim_d = p[:, 0] @ cand[:, SV].T, p[:, 1] @ cand[:, DV].T  # (B, N)
-        near = {name: top_k_mask(sim, self.topk, valid) for name, sim in
-                (("s", sim_s), ("d", sim_d), ("s+d", sim_s + sim_d))}  # (B, N) each
+        near = {"s": top_k_mask(sim_s, self.topk, valid), "d": top_k_mask(sim_d, self.topk, valid)}  # (B, N)
+        if self.vv_positives == "static+dynamic":
+            both = sim_s.masked_fill(~valid, float("-inf")).softmax(1) + sim_d.masked_fill(~valid, float("-inf")).softmax(1)
+            near["vv"] = top_k_mask(both.nan_to_num(0.0), self.topk, valid)
+        else:
+            near["vv"] = near["d"] if self.vv_positives == "dynamic" else torch.zeros_like(valid)
 
         terms = {}
         for name, (a, b, by) in TERMS.items():
@@ -186,8 +205,10 @@ class DCLRLoss(nn.Module):
             terms[name] = info_nce(logits, pos, self.tau)
         terms["align"] = F.mse_loss(out["A_v"], (out["A_s"] + out["A_d"]) / 2)  # maps are fp32 already
 
-        if self.training and not self.in_batch:
-            self._enqueue(all_gather(k))
+        if self.training:
+            self.steps.add_(1)
+            if not self.in_batch:
+                self._enqueue(all_gather(k))
         return {"loss": sum(self.w[n] * t for n, t in terms.items()), **terms}
 
     @torch.no_grad()

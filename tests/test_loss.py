@@ -107,6 +107,53 @@ def test_unfilled_queue_entries_are_negatives_but_never_neighbours():
     assert terms["vv"].item() == pytest.approx(math.log(1 + math.exp(-2) + math.exp(-4)), rel=1e-5)
 
 
+@pytest.mark.parametrize("vv_positives, positive", [("static+dynamic", "e1"), ("dynamic", "e1"), ("none", None)])
+def test_vv_positives_choose_l_vv_neighbours(vv_positives, positive):
+    criterion = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=1, vv_positives=vv_positives)
+    enqueue_ids(criterion, [0, 0])
+    criterion.queue.copy_(torch.stack([unit(0, 1), unit(-1, 0)]).unsqueeze(1).expand(2, 5, 2))
+    e = math.exp
+    expected = {"e1": -math.log((e(2) + e(-2)) / (e(2) + e(0) + e(-2))), None: math.log(1 + e(-2) + e(-4))}
+    assert criterion(hand_case())["vv"].item() == pytest.approx(expected[positive], rel=1e-5)
+
+
+def test_vv_neighbours_rank_by_the_sum_of_softmaxes_as_released():
+    # The released code ranks L_vv's candidates by softmax(sim_s) + softmax(sim_d); a sum of
+    # cosines picks other neighbours for some queries. Checked against the loss by hand.
+    g = torch.Generator().manual_seed(0)
+    B, K, D, tau = 64, 12, 4, 0.2
+    criterion = DCLRLoss(dim=D, queue_size=K, tau=tau, topk=3).eval()
+    criterion.queue.copy_(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1))
+    criterion.queue_filled.fill_(K)
+    out = {"q": torch.randn(B, 5, D, generator=g), "k": torch.randn(B, 5, D, generator=g),
+           "p": torch.randn(B, 2, D, generator=g), "A_v": torch.ones(B, 1, 1, 2), "A_s": torch.ones(B, 1, 1, 2),
+           "A_d": torch.ones(B, 1, 1, 2)}
+    q, k, p = (F.normalize(out[n], dim=-1) for n in ("q", "k", "p"))
+    sim_s, sim_d = p[:, 0] @ criterion.queue[:, 3].T, p[:, 1] @ criterion.queue[:, 4].T
+    softmaxes = (sim_s.softmax(1) + sim_d.softmax(1)).topk(3, dim=1).indices
+    cosines = (sim_s + sim_d).topk(3, dim=1).indices
+    assert (softmaxes.sort(1).values != cosines.sort(1).values).any(1).sum() > 0  # the two rules differ here
+    logits = torch.cat([(q[:, 0] * k[:, 0]).sum(-1, keepdim=True), q[:, 0] @ criterion.queue[:, 0].T], 1) / tau
+    pos = torch.zeros(B, K + 1, dtype=torch.bool)
+    pos[:, 0] = True
+    pos[torch.arange(B)[:, None], softmaxes + 1] = True
+    expected = (logits.logsumexp(1) - logits.masked_fill(~pos, float("-inf")).logsumexp(1)).mean()
+    assert criterion(out)["vv"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_no_cross_video_positive_before_the_warm_up_ends():
+    criterion = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=1, topk_warmup=3).eval()
+    enqueue_ids(criterion, [0, 0])
+    criterion.queue.copy_(torch.stack([unit(0, 1), unit(-1, 0)]).unsqueeze(1).expand(2, 5, 2))
+    single = math.log(1 + math.exp(-2) + math.exp(-4))
+    criterion.steps.fill_(2)
+    assert criterion(hand_case())["v_s"].item() == pytest.approx(single, rel=1e-5)
+    criterion.steps.fill_(3)
+    assert criterion(hand_case())["v_s"].item() < single - 0.1  # e0 joined the positives
+    criterion.train()(hand_case())
+    assert criterion.steps.item() == 4  # training forwards are counted
+
+
 def test_in_batch_mode_is_cross_entropy_over_the_batch():
     torch.manual_seed(0)
     out = {"q": torch.randn(3, 5, 4, requires_grad=True), "k": torch.randn(3, 5, 4, requires_grad=True),
