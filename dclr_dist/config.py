@@ -134,6 +134,9 @@ class ViewsConfig:
     blur_p: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     flip_p: float = 0.5
+    # The static view's crop and flip: "own" (released code: drawn apart from the clip's) or
+    # "clip" (the clip's, so the static activation map is aligned with the RGB features it weights).
+    static_crop: Literal["own", "clip"] = "own"
     # Per-channel normalisation (ImageNet statistics, as the released code).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

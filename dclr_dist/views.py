@@ -7,7 +7,10 @@ of the two clips v_q, v_k of a video
   MoCo v2's recipe (random resized crop, colour jitter, grayscale, Gaussian blur,
   horizontal flip) and normalised;
 - the static view s: one frame of the clip, picked at random, with its own crop and colour
-  augmentation, repeated T times: appearance without motion (not a temporal mean);
+  augmentation, repeated T times: appearance without motion (not a temporal mean). With
+  ``static_crop: clip`` it takes the clip's crop and flip instead (its own colour), so its
+  activation map A_s covers the same pixels as f(v), which F_s(v) = GAP(f(v) * A_s) and the
+  alignment target assume; the released code gives it its own crop;
 - the dynamic view d: the temporal difference of the augmented clip, d_t = v_t - v_{t-1}.
   The loader decodes one extra frame, v_{-1}, one stride before the clip, so d_0 is a true
   neighbour difference. The released code uses roll instead (d_0 = v_0 - v_{T-1}), which
@@ -101,6 +104,8 @@ def draw(rng: np.random.Generator, cfg: ViewsConfig, height: int, width: int) ->
         _draw_colour(rng, cfg, row)
     # The static views show one frame of their clip, v_0..v_{T-1} (position 0 is v_{-1}).
     p[2:, FRAME] = 1 + rng.integers(cfg.frames, size=2)
+    if cfg.static_crop == "clip":  # the clip's pixels, so A_s weights the region f(v) sees
+        p[2:, BOX], p[2:, FLIP] = p[:2, BOX], p[:2, FLIP]
     return p
 
 
@@ -184,25 +189,41 @@ def augment(x: torch.Tensor, p: torch.Tensor, cfg: ViewsConfig) -> torch.Tensor:
     x: (B, 3, T, S, S) float32 in [0, 1]; p: (B, NUM_PARAMS) rows of ``draw``. Each clip's
     parameters apply to all its frames alike, so the augmentation never fakes motion.
     Returns (B, 3, T, S, S) float32, normalised.
+
+    Every operation runs on the whole batch and ``torch.where`` keeps it where a clip's
+    parameters ask for it: no boolean-mask indexing and no ``if tensor.any()``, each of
+    which makes the host wait for the accelerator.
     """
-    x = x.contiguous()  # the model's usual layout; the masked updates below write into it
-    jitter = p[:, JITTER] > 0
-    ops = (_brightness, _contrast, _saturation, _hue)
-    for step in range(4):
-        for op, fn in enumerate(ops):
-            rows = jitter & (p[:, ORDER.start + step] == op)
-            if rows.any():
-                x[rows] = fn(x[rows], p[rows, BRIGHTNESS + op])
-    gray = p[:, GRAY] > 0
-    if gray.any():
-        x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1, -1)
+    x = _jitter(x, p)
+    x = torch.where(_rows(p[:, GRAY] > 0), _gray(x).expand_as(x), x)
     blur = p[:, SIGMA] > 0
-    if blur.any():
-        x[blur] = _blur(x[blur], p[blur, SIGMA])
-    flip = p[:, FLIP] > 0
-    if flip.any():
-        x[flip] = x[flip].flip(-1)
+    x = torch.where(_rows(blur), _blur(x, torch.where(blur, p[:, SIGMA], 1.0)), x)
+    x = torch.where(_rows(p[:, FLIP] > 0), x.flip(-1), x)
     return normalize(x, cfg)
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1, 1), to select whole clips."""
+    return mask.view(-1, 1, 1, 1, 1)
+
+
+def _jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, in each clip's drawn order (torchvision's ColorJitter).
+
+    The first three blend towards a reference, r + f (x - r): black, the clip's mean gray,
+    the pixel's gray; at each of the four steps a clip takes the blend or the hue rotation
+    its order names there.
+    """
+    on = p[:, JITTER] > 0
+    for step in range(4):
+        op = p[:, ORDER.start + step].long()  # (B,) 0 brightness, 1 contrast, 2 saturation, 3 hue
+        factor = p.gather(1, (BRIGHTNESS + op).unsqueeze(1)).squeeze(1)  # (B,)
+        gray = _gray(x)  # (B, 1, T, H, W)
+        ref = torch.where(_rows(op == 2), gray, torch.where(_rows(op == 1), gray.mean((1, 2, 3, 4), keepdim=True), 0.0))
+        blended = (ref + _factor(factor) * (x - ref)).clamp_(0, 1)
+        stepped = torch.where(_rows(op == 3), _hue(x, factor), blended)
+        x = torch.where(_rows(on), stepped, x)
+    return x
 
 
 def normalize(x: torch.Tensor, cfg: ViewsConfig) -> torch.Tensor:

@@ -112,6 +112,26 @@ def test_static_view_is_one_frame_of_the_clip_repeated_with_its_own_augmentation
     assert not torch.equal(aug[:, 2, BOX], aug[:, 0, BOX])
 
 
+def test_aligned_static_view_takes_the_clips_crop_and_flip_and_its_own_colour():
+    cfg = ViewsConfig(frames=4, size=16, jitter_p=1.0, flip_p=0.5, static_crop="clip")
+    aug = np.stack([views.draw(np.random.default_rng(i), cfg, 24, 20) for i in range(20)])
+    for clip, static in ((0, 2), (1, 3)):
+        assert (aug[:, static, BOX] == aug[:, clip, BOX]).all() and (aug[:, static, FLIP] == aug[:, clip, FLIP]).all()
+        assert (aug[:, static, BRIGHTNESS] != aug[:, clip, BRIGHTNESS]).any()
+
+
+def test_views_never_make_the_host_wait():
+    # Boolean-mask indexing and `if tensor.any()` read a device value on the host; on CUDA
+    # each is a synchronisation. Counted on CPU through the ops that would do it.
+    cfg = ViewsConfig(frames=4, size=16, jitter_p=0.5, gray_p=0.5, blur_p=0.5, flip_p=0.5)
+    batch = batch_of(random_frames(B=8), cfg)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        views.dclr_views(batch, cfg)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::_local_scalar_dense", 0) == 0 and ops.get("aten::nonzero", 0) == 0, \
+        {k: v for k, v in ops.items() if k in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")}
+
+
 def test_dynamic_view_is_the_temporal_difference_of_the_augmented_clip():
     cfg = ALL_ON
     frames = random_frames(B=2)
