@@ -43,6 +43,10 @@ class ShardConfig:
     max_samples: int = 1000
     max_bytes: int = 512 * 1024 * 1024
     prefix: str = "shard"
+    # Write inputs in a random order drawn from seed (deterministic, so resume still works);
+    # false keeps the listing's order (class folders and manifests are usually class-sorted).
+    shuffle: bool = True
+    seed: int = 0
 
     def validate(self, where: str) -> None:
         _check(self.short_side >= 16 and self.short_side % 2 == 0, where, "shard.short_side",
@@ -325,8 +329,10 @@ class EvalConfig:
     t: float = 0.07
     # Retrieval recall@K, test queries against the train gallery (paper: 1, 5, 10, 20, 50).
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
-    # Linear probe: L2 penalty of the logistic regression on frozen, standardised features.
-    l2: float = 1e-3
+    # Linear probe: L2 penalty of the logistic regression on frozen, standardised features;
+    # null: chosen by 3-fold cross-validation on the train split (6 values, 18 extra fits:
+    # set a value for very large splits).
+    l2: float | None = None
     # Fine-tuning the whole backbone and a linear classifier (paper: lr 0.1, 10 epochs); lr is
     # per train.ref_batch samples and scaled linearly like pretraining's.
     finetune_epochs: int = 10
@@ -338,7 +344,7 @@ class EvalConfig:
         _check(self.t > 0, where, "eval.t", f"must be > 0, got {self.t}")
         _check(bool(self.recall_at) and all(r >= 1 for r in self.recall_at), where, "eval.recall_at",
                f"must be a non-empty list of ranks >= 1, got {self.recall_at!r}")
-        _check(self.l2 >= 0, where, "eval.l2", f"must be >= 0, got {self.l2}")
+        _check(self.l2 is None or self.l2 >= 0, where, "eval.l2", f"must be >= 0 or null, got {self.l2}")
         _check(self.finetune_epochs >= 1, where, "eval.finetune_epochs", f"must be >= 1, got {self.finetune_epochs}")
         _check(self.finetune_lr > 0, where, "eval.finetune_lr", f"must be > 0, got {self.finetune_lr}")
 

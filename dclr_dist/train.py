@@ -33,6 +33,9 @@ from dclr_dist.config import Config, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+# train: pretraining; val (scenes of its own): the k-NN monitor that ranks best/; test (unseen
+# scenes): the closing evaluation only.
+DEMO_SPLITS = ("train", "val", "test")
 CHECKPOINT_TAG = "ds"
 
 
@@ -425,12 +428,13 @@ def ensure_demo_shards(cfg: Config) -> None:
     from dclr_dist.shard.synth import write_corpus
 
     root = REPO / "shards" / "demo"
-    if all((root / split / "index.json").exists() for split in ("train", "test")):
+    if all((root / split / "index.json").exists() for split in DEMO_SPLITS):
         return
     print(f"demo: writing the synthetic scene-bias corpus and its shards under {root}", flush=True)
     manifest = write_corpus(root / "videos", num_classes=6, train_per_class=16, test_per_class=8, train_scenes=12,
-                            test_scenes=6, workers=os.cpu_count() or 1, progress=True)
-    for split in ("train", "test"):
+                            test_scenes=6, val_per_class=8, val_scenes=6, workers=os.cpu_count() or 1,
+                            progress=True)
+    for split in DEMO_SPLITS:
         pack(str(manifest), str(root / split), cfg.shard, split=split, workers=os.cpu_count() or 1)
 
 
@@ -537,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         from dclr_dist.eval import EvalError, evaluate
 
         run = Path(cfg.train.storage_path) / cfg.train.name
+        test = [str(REPO / "shards" / "demo" / "test")]
         try:
-            evaluate(str(run), cfg.data.train, cfg.data.eval, ("linear", "knn", "scene"), out=run / "eval")
+            evaluate(str(run), cfg.data.train, test, ("linear", "knn", "scene"), out=run / "eval")
         except (EvalError, DataError) as e:
             print(f"error: evaluation: {e}", file=sys.stderr)
             return 1

@@ -20,7 +20,8 @@ from torch import nn
 from dclr_dist import data, storage
 from dclr_dist.config import load_config
 from dclr_dist.data import DataError
-from dclr_dist.eval import EvalError, Features, evaluate, knn_predict, knn_retrieval, linear_probe, scene_probe
+from dclr_dist.eval import (L2_GRID, EvalError, Features, choose_l2, evaluate, knn_predict, knn_retrieval, linear_probe,
+                            scene_probe)
 from dclr_dist.model import backbone, gap
 from conftest import local_ray, pack_synthetic
 
@@ -187,6 +188,31 @@ def test_the_probes_tell_motion_features_from_scene_features():
             assert linear == 1.0 and knn["top1"] == 1.0 and knn["recall"]["R@1"] == 1.0
             assert s["swap"] == 1.0 and s["nn_same_motion"] == 1.0
             assert s["train_probe"]["scene"]["accuracy"] <= 0.5 and s["train_probe"]["motion"]["accuracy"] == 1.0
+
+
+def test_centred_knn_uses_features_minus_the_train_mean():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    x = F.normalize(torch.rand(40, 8, generator=g) + F.one_hot(y, 8) * 0.2, dim=1)  # non-negative, like GAP of ReLU
+    train = Features(x[:30], y[:30], [f"v{i:02d}" for i in range(30)], [{}] * 30)
+    test = Features(x[30:], y[30:], [f"v{i:02d}" for i in range(30, 40)], [{}] * 10)
+    r = knn_retrieval(train, test, list("abcd"), 5, 0.07, [1])
+    mean = x[:30].mean(0)
+    gallery, queries = F.normalize(x[:30] - mean, dim=1), F.normalize(x[30:] - mean, dim=1)
+    expected = (knn_predict(gallery, y[:30], queries, 4, 5, 0.07) == y[30:]).double().mean().item()
+    nearest = (queries @ gallery.T).argmax(1)
+    assert r["centred"]["top1"] == expected
+    assert r["centred"]["recall"]["R@1"] == (y[:30][nearest] == y[30:]).double().mean().item()
+
+
+def test_probe_penalty_is_chosen_by_cross_validation_on_the_train_split():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = F.one_hot(y, 3).float() + 0.5 * torch.randn(60, 3, generator=g)
+    x = torch.cat([x, torch.randn(60, 40, generator=g)], 1)  # 40 noise dimensions: a weak penalty overfits
+    l2, scores = choose_l2(x, y, 3)
+    assert set(scores) == set(L2_GRID) and scores[l2] == max(scores.values())
+    assert scores[l2] > scores[min(L2_GRID)]
 
 
 def test_knn_and_retrieval_on_known_features():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -103,6 +104,20 @@ def test_real_videos_pack_with_distinct_valid_keys(class_folders, tmp_path):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
     assert sorted(p.name for p in Path(out).iterdir()) == [
         "index.json", "rejects.jsonl", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_inputs_are_written_in_a_seeded_shuffled_order(class_folders, tmp_path):
+    listing = [i.source for i in list_inputs(str(class_folders))[0]]  # class-sorted
+    written = {}
+    for shuffle, seed in ((True, 0), (True, 1), (False, 0)):
+        out = str(tmp_path / f"out-{shuffle}-{seed}")
+        pack(str(class_folders), out, dataclasses.replace(CFG, shuffle=shuffle, seed=seed), progress=False)
+        written[shuffle, seed] = [r["source"] for r in _records(out)]
+    assert written[False, 0] == listing
+    for seed in (0, 1):
+        order = np.random.default_rng(seed).permutation(len(listing))
+        assert written[True, seed] == [listing[i] for i in order]
+    assert written[True, 0] != written[True, 1]
 
 
 def test_shards_are_plain_tar(class_folders, tmp_path):

@@ -17,7 +17,7 @@ from dclr_dist.shard import synth
 
 # Small but complete: every motion, both splits, several scenes per pool.
 SMALL = dict(num_classes=8, train_per_class=3, test_per_class=2, train_scenes=3, test_scenes=2,
-             frames=24, size=64, fps=30, seed=0, progress=False)
+             val_per_class=1, val_scenes=2, frames=24, size=64, fps=30, seed=0, progress=False)
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -52,7 +52,7 @@ def test_manifest_matches_files_and_pools(small):
     root = small.parent
     assert small.read_text().splitlines()[0] == "path,label,split,scene"
     rows = _rows(small)
-    assert len(rows) == 8 * (3 + 2)
+    assert len(rows) == 8 * (3 + 2 + 1)
     assert sorted(r["path"] for r in rows) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.mp4"))
     assert not list(root.rglob("*.part"))
     for r in rows:
@@ -61,7 +61,7 @@ def test_manifest_matches_files_and_pools(small):
         assert name.startswith(f"{label}_s{r['scene'][5:]}_v")
     assert len({r["path"] for r in rows}) == len(rows)
     scenes = {s: {int(r["scene"].removeprefix("scene")) for r in rows if r["split"] == s} for s in synth.SPLITS}
-    assert scenes["train"] <= set(range(3)) and scenes["test"] <= {3, 4}
+    assert scenes["train"] <= set(range(3)) and scenes["test"] <= {3, 4} and scenes["val"] <= {5, 6}
     for split in synth.SPLITS:
         assert {r["label"] for r in rows if r["split"] == split} == set(synth.MOTIONS)
 
@@ -89,8 +89,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(small, tmp_path):
 
 def test_scene_column_is_the_scene_in_the_pixels(small):
     # The median over time removes the moving object; it must be nearest to the recorded
-    # scene among all scenes of both pools.
-    scenes = [synth.render_scene(i, 64, 0) * 255 for i in range(5)]
+    # scene among all scenes of the three pools.
+    scenes = [synth.render_scene(i, 64, 0) * 255 for i in range(7)]
     for r in _rows(small)[::5]:
         background = np.median(_decode(small.parent / r["path"]), axis=0)
         errors = [np.abs(background - s).mean() for s in scenes]

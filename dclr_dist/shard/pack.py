@@ -7,9 +7,12 @@ publish each finished shard atomically -> ``index.json`` last, as the mark of co
 Invariant: every input ends up either in a shard or in ``rejects.jsonl``, so
 ``index.samples + index.rejected == index.inputs == len(inputs)``.
 
+Inputs are written in a seeded random order (``shard.shuffle``, ``shard.seed``), so a
+shard holds a sample of every class rather than a run of one.
+
 Resume: after each shard is published, a small state file ``_partial/<shard>.json`` records
 which input range it consumed (samples and rejects). A re-run with the same inputs and
-options keeps those shards and redoes the rest; because inputs are sorted, transcoding is
+options keeps those shards and redoes the rest; because the input order is fixed, transcoding is
 deterministic and tar headers carry no clock, the result is byte-identical to an
 uninterrupted run.
 """
@@ -33,6 +36,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dclr_dist import __version__, storage
 from dclr_dist.config import ShardConfig
@@ -291,6 +296,11 @@ def pack(input_url: str, output: str, cfg: ShardConfig, *, split: str | None = N
          use_ray: bool = False, overwrite: bool = False, progress: bool = True) -> PackResult:
     """Pack ``input_url`` into shards under ``output``; see the module docstring."""
     inputs, classes = list_inputs(input_url, split)
+    if cfg.shuffle:
+        # Listings are class-sorted: shards in that order give class-correlated batches and a
+        # reader's shuffle buffer cannot undo it at scale. Seeded, so resume sees the same order.
+        order = np.random.default_rng(cfg.seed).permutation(len(inputs))
+        inputs = [inputs[i] for i in order]
     storage.ensure_writable(output)
     fingerprint = _fingerprint(input_url, split, cfg, inputs)
     index_url = storage.join(output, "index.json")

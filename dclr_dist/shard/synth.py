@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 MOTIONS = ("move_right", "move_left", "move_up", "move_down",
            "orbit_cw", "orbit_ccw", "zoom_in", "zoom_out")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # val last: adding it changes no train or test video
 SHAPES = ("disc", "square", "diamond", "triangle", "ring", "cross")
 
 # Geometry in fractions of the frame side, rates per frame. At the lowest speed a 16-frame
@@ -85,13 +85,15 @@ class _Video:
 
 
 def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_class: int = 8,
-                 test_per_class: int = 4, train_scenes: int = 8, test_scenes: int = 4, frames: int = 48,
-                 size: int = 128, fps: int = 25, seed: int = 0, workers: int = 1,
-                 progress: bool = True) -> Path:
-    """Write ``out_dir/{train,test}/<motion>/*.mp4`` and ``out_dir/manifest.csv``; return the manifest's path.
+                 test_per_class: int = 4, train_scenes: int = 8, test_scenes: int = 4, val_per_class: int = 0,
+                 val_scenes: int = 0, frames: int = 48, size: int = 128, fps: int = 25, seed: int = 0,
+                 workers: int = 1, progress: bool = True) -> Path:
+    """Write ``out_dir/{train,test[,val]}/<motion>/*.mp4`` and ``out_dir/manifest.csv``; return the manifest's path.
 
     The classes are the first ``num_classes`` of ``MOTIONS``; each video shows one scene
-    from its split's pool (``train_scenes`` ids, then ``test_scenes`` more), ``frames``
+    from its split's pool (``train_scenes`` ids, then ``test_scenes`` more, then
+    ``val_scenes`` more: a validation split whose scenes are neither trained on nor
+    tested, for choosing checkpoints and settings without looking at the test split), ``frames``
     frames of ``size`` x ``size`` at ``fps``. The defaults make a 72-video demo corpus that
     takes seconds on a laptop.
 
@@ -105,6 +107,8 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class),
                         ("train_scenes", train_scenes), ("test_scenes", test_scenes), ("workers", workers)):
         _check_int(name, value, 1)
+    _check_int("val_per_class", val_per_class, 0)
+    _check_int("val_scenes", val_scenes, 1 if val_per_class else 0, note=" (val_per_class > 0 needs val scenes)")
     _check_int("frames", frames, MIN_FRAMES, note=" (one 16-frame clip must fit)")
     _check_int("size", size, MIN_SIZE)
     if size % 2:
@@ -116,10 +120,13 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
     params = dict(num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
                   train_scenes=train_scenes, test_scenes=test_scenes, frames=frames, size=size, fps=fps,
                   seed=seed)
+    if val_per_class:  # recorded only when used, so corpora written before val existed stay valid
+        params.update(val_per_class=val_per_class, val_scenes=val_scenes)
     _claim(out, params)
 
-    pools = {"train": range(train_scenes), "test": range(train_scenes, train_scenes + test_scenes)}
-    per_class = {"train": train_per_class, "test": test_per_class}
+    pools = {"train": range(train_scenes), "test": range(train_scenes, train_scenes + test_scenes),
+             "val": range(train_scenes + test_scenes, train_scenes + test_scenes + val_scenes)}
+    per_class = {"train": train_per_class, "test": test_per_class, "val": val_per_class}
     videos = []
     for split in SPLITS:
         for c, label in enumerate(MOTIONS[:num_classes]):
@@ -132,7 +139,7 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
 
     todo = [v for v in videos if not (out / v.path).exists()]
     for label in MOTIONS[:num_classes]:
-        for split in SPLITS:
+        for split in (s for s in SPLITS if per_class[s]):
             (out / split / label).mkdir(parents=True, exist_ok=True)
     jobs = [(out / v.path, v, seed, frames, size, fps) for v in todo]
     with tqdm(total=len(videos), initial=len(videos) - len(todo), unit="video", desc="synth",
@@ -411,6 +418,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-scenes", type=int, default=d["test_scenes"], metavar="N",
                         help=f"size of the pool for test videos, the ids after the training pool, so "
                              f"no test video shows a training scene (default {d['test_scenes']})")
+    parser.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
+                        help="validation videos per class, in scenes of their own (default: none)")
+    parser.add_argument("--val-scenes", type=int, default=d["val_scenes"], metavar="N",
+                        help="size of the pool for validation videos, after the test pool (default: none)")
     parser.add_argument("--frames", type=int, default=d["frames"],
                         help=f"frames per video, at least {MIN_FRAMES}; 32 hold one 16-frame clip at "
                              f"stride 2 (default {d['frames']})")
@@ -431,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = write_corpus(
             args.output, num_classes=args.classes, train_per_class=args.train_per_class,
             test_per_class=args.test_per_class, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
-            frames=args.frames, size=args.size, fps=args.fps, seed=args.seed, workers=args.workers)
+            val_per_class=args.val_per_class, val_scenes=args.val_scenes, frames=args.frames, size=args.size, fps=args.fps, seed=args.seed, workers=args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
