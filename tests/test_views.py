@@ -150,14 +150,20 @@ def test_dynamic_view_is_the_temporal_difference_of_the_augmented_clip():
 
 
 def test_colour_operations_match_torchvision_on_single_images():
-    x = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    image = x[:, :, 0]  # (2, 3, H, W)
-    f = torch.tensor([0.7, 1.3])
-    for ours, theirs in ((views._brightness, TF.adjust_brightness), (views._contrast, TF.adjust_contrast),
-                         (views._saturation, TF.adjust_saturation)):
-        got = ours(x.clone(), f)[:, :, 0]
-        want = torch.stack([theirs(image[i], float(f[i])) for i in range(2)])
-        assert torch.allclose(got, want, atol=1e-5), ours.__name__
+    # Colour jitter: every clip's four operations in its own drawn order, as ColorJitter applies them.
+    cfg = ViewsConfig(frames=1, size=16, jitter_p=1.0)
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(np.stack([views.draw(rng, cfg, 16, 16)[0] for _ in range(24)]))
+    x = torch.rand(24, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    got = views._jitter(x.clone(), p)[:, :, 0]
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(24):
+        want = x[i, :, 0]
+        for op in p[i, ORDER].long().tolist():
+            want = ops[op](want, float(p[i, BRIGHTNESS + op]))
+        assert torch.allclose(got[i], want, atol=1e-4), p[i, ORDER]
+    assert len({tuple(r) for r in p[:, ORDER].tolist()}) > 10  # many orders seen
+    x, image = x[:2], x[:2, :, 0]  # (2, 3, H, W)
     shift = torch.tensor([-0.1, 0.25])
     got = views._hue(x.clone(), shift)[:, :, 0]
     want = torch.stack([TF.adjust_hue(image[i], float(shift[i])) for i in range(2)])
