@@ -1,194 +1,324 @@
-"""The scene-bias result: does DCLR follow the motion where the baseline follows the scene?
+"""The scene-bias result: does DCLR follow the motion where plain clip contrast follows the scene?
 
-    python benchmarks/scene_bias.py                      # 3 seeds, under 30 minutes on 2 cores
-    python benchmarks/scene_bias.py --seeds 0 --epochs 4 # a quick look
-    python benchmarks/scene_bias.py loss.tau=0.1 ...     # overrides for every method
+    python benchmarks/scene_bias.py                          # 5 paired seeds, then the ablations
+    python benchmarks/scene_bias.py --methods DCLR baseline  # the main comparison only
+    python benchmarks/scene_bias.py --report                 # table and plot of what has finished
 
-On the synthetic scene-bias corpus (class = motion of a foreground object, background
-scene drawn independently of the class, test scenes never seen in training), pretrain
+Corpus: the synthetic scene-bias corpus (``dclr_dist.shard.synth``): the class is the motion
+of a small object (4 translations; flips off, a flip turns left into right), the background
+scene is drawn independently of the class, and test videos show scenes no training video
+shows (12 train scenes, 12 test scenes, 48 train and 72 test videos per class: 288 test
+videos, a binomial standard error under 3 points per seed).
 
-- DCLR: configs/demo.yaml (the paper's loss: L_vv + static and dynamic terms + alignment,
-  top-5 cross-video positives), and
-- the baseline: the same config with loss.w_s=0 loss.w_d=0 loss.w_align=0 loss.topk=0, i.e.
-  plain clip contrast (L_vv: two clips of one video as the only positive pair), the same
-  code path, and
-- DCLR joint BN: DCLR with the released code's single backbone pass over all views
-  (model.per_view_bn=false), the ablation of batch norm per view type,
+Training: the real views, model and loss (``dclr_dist.views``, ``.model``, ``.loss``) in one
+process per run, with the videos decoded once into memory; AdamW and the trainer's lr
+schedule (``dclr_dist.train.lr_lambda``). No Ray or DeepSpeed: the trainer's equivalence to
+this loop is what ``tests/test_loss_distributed.py`` and ``tests/test_train.py`` check, and
+here the budget goes to steps and seeds. Every method gets the same steps (``--steps``,
+default 1152: 4x the earlier benchmark's 288), batch 16, seeds (model init, data order,
+augmentation), crops at scale 0.5-1 (the object stays in both crops of 85% of pairs, 56% at
+the paper's 0.2-1 on these 64-pixel frames). Runs go ``--jobs`` at a time, one thread each.
 
-with the same budget, data and seeds (train.seed and data.seed), then evaluate the final
-checkpoint of each with ``dclr_dist.eval`` on the test split (unseen scenes): linear probe
-and k-NN on the motion labels, and the scene probe. A randomly initialised backbone of
-each seed is evaluated too, as the floor. Prints the table (mean +- std over seeds) and
-writes ``scene_bias.json`` and ``scene_bias.png`` under ``--out``.
+Evaluation: the final weights (no checkpoint selection), 5 clips per video, batch norm in
+eval mode, with ``dclr_dist.eval``'s protocols on unseen scenes: linear probe (L2 chosen by
+3-fold cross-validation on the train split), k-NN and R@1 on raw and on centred features,
+the scene-swap test and the train-split scene/motion probes.
 
-Setting (the same for every method): the demo's recipe (tiny backbone, AdamW, batch norm
-per view type) with one worker and batch 16, and
-- horizontal flips off (views.flip_p=0): on this corpus a flip turns move_left into
-  move_right, so with flips the contrastive task itself declares those classes identical;
-- the four translations (move_right/left/up/down);
-- queues of 128 keys, fewer than the 192 train videos: a queue longer than the corpus holds
-  several keys of the query's own video, all counted as negatives.
+Methods: DCLR with every fix of issue 12 (batch norm per view type with RGB-only running
+statistics and cross-cut key groups, L_vv positives by motion after a warm-up, the static
+view aligned with its clip, shuffled data), the baseline (the same with L_vv only and no
+cross-video positives), an untrained backbone, and one ablation per fix: DCLR with that fix
+reverted. "DCLR, mixed eval BN" re-evaluates each DCLR run's final weights after
+re-estimating the running statistics on RGB, static and dynamic views together (the
+project's earlier behaviour), without retraining.
+
+Results are appended to ``results.jsonl`` under ``--out`` as each run ends (an interrupted
+benchmark resumes where it stopped); the table, ``scene_bias.json`` and ``scene_bias.png``
+are written from whatever has finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import statistics
 import sys
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dclr_dist import views  # noqa: E402
+from dclr_dist.batchnorm import ViewBatchNorm  # noqa: E402
 from dclr_dist.config import BASELINE, load_config  # noqa: E402
-from dclr_dist.eval import evaluate  # noqa: E402
-from dclr_dist.model import backbone  # noqa: E402
-from dclr_dist.shard.pack import pack  # noqa: E402
+from dclr_dist.data import shard_order  # noqa: E402
+from dclr_dist.eval import Features, choose_l2, knn_retrieval, linear_probe, scene_probe  # noqa: E402
+from dclr_dist.loss import DCLRLoss  # noqa: E402
+from dclr_dist.model import DCLR, backbone, gap  # noqa: E402
 from dclr_dist.shard.synth import write_corpus  # noqa: E402
-from dclr_dist.train import DEMO_CONFIG, fit  # noqa: E402
+from dclr_dist.train import DEMO_CONFIG, lr_lambda  # noqa: E402
 
-# Method -> its overrides (None: an untrained backbone). "DCLR joint BN" is the released
-# code's single backbone pass over RGB, static and dynamic views (model.per_view_bn=false).
-METHODS = {"random init": None, "baseline": BASELINE, "DCLR": [], "DCLR joint BN": ["model.per_view_bn=false"]}
-# Every method: the demo's network and clips, on this corpus, flips off (module docstring).
-COMMON = ["views.flip_p=0", "loss.queue_size=128", "train.workers=1", "data.workers=1", "data.batch_size=16",
-          "train.checkpoint_every=100",
-          "train.keep_checkpoints=1", "eval.every=0", "data.eval_clips=5", "eval.k=10"]
-PROTOCOLS = ("linear", "knn", "scene")
-# (label, path into the report, chance key): the table's columns.
+# DCLR with every fix, on this corpus (flips off: a flip turns move_left into move_right).
+COMMON = ["views.flip_p=0", "views.scale=[0.5,1.0]", "loss.queue_size=128", "data.batch_size=16"]
+FIXED = ["model.bn_groups=2", "loss.vv_positives=dynamic", "loss.topk_warmup=288", "views.static_crop=clip"]
+# Method -> (overrides, data order); None: an untrained backbone.
+METHODS = {
+    "random init": None,
+    "DCLR": ([*FIXED], "shuffled"),
+    "baseline": ([*FIXED, *BASELINE], "shuffled"),
+    "DCLR, no BN guard": ([*FIXED, "model.bn_groups=1"], "shuffled"),
+    "DCLR, released positives": ([*FIXED, "loss.vv_positives=static+dynamic", "loss.topk_warmup=0"], "shuffled"),
+    "DCLR, own static crop": ([*FIXED, "views.static_crop=own"], "shuffled"),
+    "DCLR, class-sorted shards": ([*FIXED], "sorted"),
+}
+MAIN = ("random init", "DCLR", "baseline")
+MIXED = "DCLR, mixed eval BN"
+# (label, key of a run's result, chance key)
 MEASURES = [
-    ("linear top-1 (motion, unseen scenes)", ("linear", "top1")),
-    ("k-NN top-1 (motion, unseen scenes)", ("knn", "top1")),
-    ("R@1 (motion, unseen scenes)", ("knn", "recall", "R@1")),
-    ("scene-swap test (unseen scenes)", ("scene", "swap")),
-    ("scene probe (train scenes)", ("scene", "train_probe", "scene", "accuracy")),
-    ("motion probe (train scenes)", ("scene", "train_probe", "motion", "accuracy")),
+    ("linear top-1, motion, unseen scenes", "linear", "motion"),
+    ("k-NN top-1, motion, unseen scenes", "knn", "motion"),
+    ("k-NN top-1, centred features", "knn_centred", "motion"),
+    ("R@1, motion, unseen scenes", "r1", "motion"),
+    ("scene-swap test, unseen scenes", "swap", "swap"),
+    ("scene probe, train scenes", "scene_probe", "scene"),
+    ("motion probe, train scenes", "motion_probe", "motion"),
 ]
+CORPUS = dict(num_classes=4, train_per_class=48, test_per_class=72, train_scenes=12, test_scenes=12, frames=48,
+              size=64)
+
+_corpus: dict = {}
 
 
-def corpus(root: Path, args) -> dict[str, str]:
-    manifest = write_corpus(root / "videos", num_classes=args.classes, train_per_class=args.train_per_class,
-                            test_per_class=args.test_per_class, train_scenes=args.train_scenes,
-                            test_scenes=args.test_scenes, frames=48, size=64, workers=os.cpu_count() or 1,
-                            progress=False)
-    shard = load_config(None, ["shard.short_side=64", "shard.max_samples=64"]).shard
-    out = {}
-    for split in ("train", "test"):
-        if not (root / split / "index.json").exists():
-            pack(str(manifest), str(root / split), shard, split=split, workers=os.cpu_count() or 1, progress=False)
-        out[split] = str(root / split)
-    return out
+def load_split(root: Path, split: str) -> dict:
+    """Every video of ``split`` decoded: (N, L, H, W, 3) uint8, labels, scenes, keys."""
+    rows = [r for r in csv.DictReader(open(root / "manifest.csv")) if r["split"] == split]
+    videos = []
+    for r in rows:
+        with av.open(str(root / r["path"])) as container:
+            videos.append(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+    classes = sorted({r["label"] for r in rows})
+    return {"videos": torch.from_numpy(np.stack(videos)), "label": torch.tensor([classes.index(r["label"]) for r in rows]),
+            "scene": [r["scene"] for r in rows], "key": [r["path"] for r in rows], "classes": classes}
 
 
-def random_init(folder: Path, cfg, seed: int) -> str:
-    """A checkpoint folder of an untrained backbone, as the trainer would write it."""
+def _init_worker(root: str) -> None:
+    torch.set_num_threads(1)
+    _corpus["train"], _corpus["test"] = load_split(Path(root), "train"), load_split(Path(root), "test")
+
+
+def batch_order(order: str, n: int, labels: torch.Tensor, seed: int, epoch: int, batch: int) -> list[np.ndarray]:
+    """One epoch's batches of video indices.
+
+    shuffled: a permutation of the videos (what shards packed in shuffled order give);
+    sorted: the earlier demo's reading, class-sorted shards of 64 in a per-epoch shard order
+    through WebDataset's shuffle buffer (64, 16 before the first sample).
+    """
+    if order == "shuffled":
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
+    import random
+
+    import webdataset as wds
+
+    by_class = np.argsort(labels.numpy(), kind="stable")
+    shards = [by_class[i:i + 64] for i in range(0, n, 64)]
+    picks = shard_order(len(shards), seed, epoch, 0, 1)
+    stream = wds.shuffle(64, 16, rng=random.Random(seed * 1000 + epoch))((int(i) for _ in range(len(shards))
+                                                                            for i in shards[next(picks)]))
+    items = [next(stream) for _ in range(n - n % batch)]
+    return [np.array(items[i:i + batch]) for i in range(0, len(items), batch)]
+
+
+def train_views(videos: torch.Tensor, idx: np.ndarray, cfg, rng: np.random.Generator) -> dict:
+    """The model's six views of videos[idx]: two clips at independent random positions each."""
+    L, T, stride = videos.shape[1], cfg.frames, cfg.stride
+    span = T * stride + 1
+    q, k, aug = [], [], []
+    for i in idx:
+        for clips in (q, k):
+            start = int(rng.integers(0, L - span + 1))
+            clips.append(videos[i, start:start + span:stride])
+        aug.append(views.draw(rng, cfg, videos.shape[2], videos.shape[3]))
+    batch = {"q": torch.stack(q).permute(0, 4, 1, 2, 3), "k": torch.stack(k).permute(0, 4, 1, 2, 3),
+             "aug": torch.from_numpy(np.stack(aug))}  # (B, 3, T+1, H, W) uint8 each
+    return views.dclr_views(batch, cfg)
+
+
+@torch.no_grad()
+def features(f: torch.nn.Module, split: dict, cfg, clips: int = 5) -> Features:
+    """Eval-mode, clip-averaged, L2-normalised GAP features of the centre crops, as dclr_dist.eval."""
+    f.eval()
+    videos = split["videos"]
+    N, L, H, W = videos.shape[:4]
+    T, stride = cfg.frames, cfg.stride
+    starts = np.linspace(0, L - (T - 1) * stride - 1, clips).round().astype(int)
+    x = torch.stack([videos[:, s:s + (T - 1) * stride + 1:stride] for s in starts], 1)  # (N, clips, T, H, W, 3)
+    box = torch.tensor(views.center_box(H, W), dtype=torch.float32).expand(N, 4)
+    out = []
+    for part, b in zip(x.split(16), box.split(16)):
+        c = views.eval_clips({"clips": part.permute(0, 1, 5, 2, 3, 4), "box": b}, cfg)["clips"]  # (n, clips, 3, T, S, S)
+        out.append(F.normalize(gap(f(c.flatten(0, 1))).view(len(part), clips, -1).mean(1), dim=1))
+    f.train()
+    return Features(torch.cat(out), split["label"], split["key"], [{"scene": s} for s in split["scene"]])
+
+
+def measure(f: torch.nn.Module, cfg) -> dict:
+    train, test = features(f, _corpus["train"], cfg), features(f, _corpus["test"], cfg)
+    classes = _corpus["train"]["classes"]
+    l2, _ = choose_l2(train.x, train.label, len(classes))
+    knn = knn_retrieval(train, test, classes, 10, 0.07, [1])
+    scene = scene_probe(train, test, classes, l2)
+    return {"linear": linear_probe(train, test, classes, l2)["top1"], "l2": l2, "knn": knn["top1"],
+            "knn_centred": knn["centred"]["top1"], "r1": knn["recall"]["R@1"], "swap": scene["swap"],
+            "scene_probe": scene["train_probe"]["scene"]["accuracy"],
+            "motion_probe": scene["train_probe"]["motion"]["accuracy"]}
+
+
+@torch.no_grad()
+def mixed_statistics(model: DCLR, cfg, seed: int, batches: int = 50) -> torch.nn.Module:
+    """The query backbone with running statistics re-estimated over RGB, static and dynamic views together."""
+    import copy
+
+    f = copy.deepcopy(model.encoder_q.f).train()
+    for m in f.modules():
+        if isinstance(m, ViewBatchNorm):
+            m.reset_running_stats()
+    rng = np.random.default_rng([seed, 99])
+    n = len(_corpus["train"]["label"])
+    for _ in range(batches):
+        v = train_views(_corpus["train"]["videos"], rng.choice(n, 16, replace=False), cfg.views, rng)
+        f(torch.cat([v["q"], v["static_q"], v["dynamic_q"]]))
+    return f
+
+
+def run(spec: tuple) -> dict:
+    """Train one (method, seed) and measure it; runs in a worker process."""
+    method, seed, steps, extra = spec
+    overrides, order = METHODS[method] or ([], "shuffled")
+    cfg = load_config(DEMO_CONFIG, [*COMMON, *overrides, *extra])
     torch.manual_seed(seed)
-    f, _ = backbone(cfg.model.arch, cfg.model.width)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(f.state_dict(), folder / "backbone.pt")
-    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "epoch": 0, "config": cfg.to_dict(),
-                                                  "model": {"arch": cfg.model.arch, "width": cfg.model.width,
-                                                            "epoch": 0}}))
-    return str(folder)
-
-
-def dig(report: dict, path: tuple) -> float | None:
-    node = report["protocols"]
-    for key in path:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
+    t0 = time.monotonic()
+    model = DCLR.from_config(cfg.model, in_batch=False)
+    if METHODS[method] is None:
+        return {"method": method, "seed": seed, **measure(model.encoder_q.f, cfg.views), "seconds": 0.0}
+    criterion = DCLRLoss(dim=cfg.model.dim, **{k: v for k, v in cfg.loss.__dict__.items()})
+    train = _corpus["train"]
+    n, B = len(train["label"]), cfg.data.batch_size
+    steps_per_epoch = n // B
+    cfg.train.epochs = math.ceil(steps / steps_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr * B / cfg.train.ref_batch, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
+    rng = np.random.default_rng([seed, 1])
+    step, losses = 0, []
+    for epoch in range(cfg.train.epochs):
+        for idx in batch_order(order, n, train["label"], seed, epoch, B):
+            if step == steps:
+                break
+            out = criterion(model(train_views(train["videos"], idx, cfg.views, rng)))
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            sched.step()
+            model.momentum_update()
+            losses.append(out["loss"].item())
+            step += 1
+    result = {"method": method, "seed": seed, "steps": step, "final_loss": statistics.mean(losses[-steps_per_epoch:]),
+              **measure(model.encoder_q.f, cfg.views), "seconds": round(time.monotonic() - t0, 1)}
+    if method == "DCLR":
+        result["mixed"] = measure(mixed_statistics(model, cfg, seed), cfg.views)
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "scene_bias"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=24)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--train-per-class", type=int, default=48)
-    parser.add_argument("--test-per-class", type=int, default=16)
-    parser.add_argument("--train-scenes", type=int, default=12)
-    parser.add_argument("--test-scenes", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1],
+                        help="seeds of the ablations, which run after the main comparison (default 0 1)")
+    parser.add_argument("--steps", type=int, default=1152)
+    parser.add_argument("--corpus", help="the corpus folder (default: OUT/corpus, written on first use)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                         help=f"which to run, of {list(METHODS)} (default: all)")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     args = parser.parse_args()
     out = Path(args.out)
-    start = time.monotonic()
-    shards = corpus(out / f"corpus-{args.classes}x{args.train_per_class}-{args.train_scenes}s", args)
-    samples = args.classes * args.train_per_class
-
-    import ray
-
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-scene-bias")
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    methods = {m: METHODS[m] for m in args.methods}
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    tag = time.strftime("%Y%m%d-%H%M%S")
-    for seed in args.seeds:
-        for method, extra in methods.items():
-            name = f"{method.replace(' ', '-')}-s{seed}-{tag}"
-            cfg = load_config(DEMO_CONFIG, [*COMMON, f"train.epochs={args.epochs}", f"data.epoch_samples={samples}",
-                                            f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
-                                            f"train.storage_path={out / 'runs'}", f"train.name={name}",
-                                            f"train.seed={seed}", f"data.seed={seed}", *(extra or []),
-                                            *args.overrides])
-            t0 = time.monotonic()
-            if extra is None:
-                checkpoint = random_init(out / "runs" / name, cfg, seed)
-            else:
-                result = fit(cfg)
-                if result.error:
-                    print(f"error: {method} seed {seed}: {result.error}", file=sys.stderr)
-                    return 1
-                checkpoint = result.checkpoint.path
-            report = evaluate(checkpoint, [shards["train"]], [shards["test"]], PROTOCOLS, log=lambda *a: None,
-                              overrides=["data.workers=1"])
-            row = {"seed": seed, "checkpoint": checkpoint, "seconds": round(time.monotonic() - t0, 1),
-                   **{label: dig(report, path) for label, path in MEASURES}}
-            if extra is not None:
-                row["final_loss"] = result.metrics["loss"]
-            results[method].append(row)
-            print(f"{method:12s} seed {seed}: " + ", ".join(f"{label.split(' (')[0]} {100 * row[label]:.1f}"
-                                                            for label, _ in MEASURES) + f" ({row['seconds']:.0f} s)",
-                  flush=True)
-    ray.shutdown()
-
-    chance = {"motion": 1 / args.classes, "scene": 1 / args.train_scenes, "swap": 0.5}
-    summary = {m: {label: (statistics.mean(r[label] for r in rows),
-                           statistics.stdev(r[label] for r in rows) if len(rows) > 1 else 0.0)
-                   for label, _ in MEASURES} for m, rows in results.items()}
-    table = render(summary, args, chance)
-    wall = time.monotonic() - start
-    print(table)
-    print(f"wall time {wall / 60:.1f} min")
-    (out / "scene_bias.json").write_text(json.dumps({
-        "args": vars(args), "common_overrides": COMMON, "baseline_overrides": BASELINE, "chance": chance,
-        "summary": summary, "runs": results, "wall_s": round(wall, 1), "table": table}, indent=1))
-    print(f"wrote {out / 'scene_bias.json'}")
-    print(f"wrote {plot(results, chance, out / 'scene_bias.png')}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    done = {(r["method"], r["seed"]) for r in _read(log)}
+    if not args.report:
+        root = Path(args.corpus) if args.corpus else out / "corpus"
+        write_corpus(root, workers=os.cpu_count() or 1, progress=True, **CORPUS)
+        specs = [(m, s, args.steps, args.overrides) for s in args.seeds for m in args.methods if m in MAIN]
+        specs += [(m, s, args.steps, args.overrides) for s in args.ablation_seeds for m in args.methods
+                  if m not in MAIN]
+        specs = [s for s in specs if (s[0], s[1]) not in done]
+        print(f"{len(specs)} runs to do, {args.jobs} at a time; results in {log}", flush=True)
+        with get_context("spawn").Pool(args.jobs, _init_worker, (str(root),)) as pool:
+            for r in pool.imap_unordered(run, specs):
+                with open(log, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(f"{r['method']:28s} seed {r['seed']}: " + ", ".join(
+                    f"{key} {100 * r[key]:.1f}" for _, key, _ in MEASURES) + f" ({r['seconds']:.0f} s)", flush=True)
+    report(_read(log), out, args)
     return 0
 
 
-def render(summary: dict, args, chance: dict) -> str:
-    seeds = len(args.seeds)
-    head = [f"measure, % (mean +- std over {seeds} seeds)", *summary, "chance"]
-    rows = [head]
-    for label, path in MEASURES:
-        c = chance["swap"] if "swap" in label else chance["scene"] if label.startswith("scene probe") else chance["motion"]
-        rows.append([label, *(f"{100 * m:.1f} +- {100 * s:.1f}" for m, s in (summary[k][label] for k in summary)),
-                     f"{100 * c:.1f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _read(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def report(rows: list[dict], out: Path, args) -> None:
+    results: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        results.setdefault(r["method"], []).append(r)
+        if "mixed" in r:
+            results.setdefault(MIXED, []).append({"seed": r["seed"], **r["mixed"]})
+    order = [m for m in (*MAIN, MIXED, *METHODS) if m in results]
+    results = {m: results[m] for m in dict.fromkeys(order)}
+    chance = {"motion": 1 / CORPUS["num_classes"], "scene": 1 / CORPUS["train_scenes"], "swap": 0.5}
+    lines = [f"{'measure, % (mean +- std over seeds)':38s}" + "".join(f" | {m[:26]:>26s}" for m in results)
+             + " | chance", "-" * (38 + 29 * len(results) + 9)]
+    for label, key, c in MEASURES:
+        cells = []
+        for rows_m in results.values():
+            v = [100 * r[key] for r in rows_m]
+            cells.append(f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} (n={len(v)})")
+        lines.append(f"{label:38s}" + "".join(f" | {c_:>26s}" for c_ in cells) + f" | {100 * chance[c]:.1f}")
+    paired = _paired(results)
+    table = "\n".join(lines + [""] + paired)
+    print(table)
+    (out / "scene_bias.json").write_text(json.dumps({"corpus": CORPUS, "common_overrides": COMMON, "fixes": FIXED,
+                                                     "methods": {m: METHODS.get(m) for m in results},
+                                                     "chance": chance, "runs": results, "table": table}, indent=1))
+    print(f"wrote {out / 'scene_bias.json'}")
+    print(f"wrote {plot(results, chance, out / 'scene_bias.png')}")
+
+
+def _paired(results: dict) -> list[str]:
+    """DCLR minus the baseline, seed by seed: the goal is stated per seed."""
+    if "DCLR" not in results or "baseline" not in results:
+        return []
+    base = {r["seed"]: r for r in results["baseline"]}
+    lines = ["DCLR minus baseline, per seed (points):"]
+    for key in ("linear", "knn", "knn_centred", "swap"):
+        diffs = [(r["seed"], 100 * (r[key] - base[r["seed"]][key])) for r in results["DCLR"] if r["seed"] in base]
+        if diffs:
+            lines.append(f"  {key:12s} " + ", ".join(f"seed {s}: {d:+.1f}" for s, d in diffs)
+                         + f"; mean {statistics.mean(d for _, d in diffs):+.1f}")
+    return lines
 
 
 def plot(results: dict, chance: dict, path: Path) -> Path:
@@ -197,22 +327,19 @@ def plot(results: dict, chance: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label, _ in MEASURES]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(13, 5))
+    width = 0.85 / len(results)
     for i, (method, rows) in enumerate(results.items()):
-        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(labels))]
-        values = [[100 * r[label] for r in rows] for label in labels]
-        ax.bar(xs, [statistics.mean(v) for v in values], width,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3, label=method)
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(MEASURES))]
+        values = [[100 * r[key] for r in rows] for _, key, _ in MEASURES]
+        ax.bar(xs, [statistics.mean(v) for v in values], width, label=f"{method} (n={len(rows)})")
         for x, v in zip(xs, values):
-            ax.scatter([x] * len(v), v, color="black", s=8, zorder=3)
-    for j, label in enumerate(labels):
-        c = chance["swap"] if "swap" in label else chance["scene"] if label.startswith("scene probe") else chance["motion"]
-        ax.plot([j - 0.45, j + 0.45], [100 * c] * 2, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(labels)), [label.replace(" (", "\n(") for label in labels], fontsize=8)
-    ax.set(ylabel="%", ylim=(0, 100), title="scene-bias corpus: motion (unseen scenes) vs scene; dashed: chance")
-    ax.legend()
+            ax.scatter([x] * len(v), v, color="black", s=6, zorder=3)
+    for j, (_, _, c) in enumerate(MEASURES):
+        ax.plot([j - 0.45, j + 0.45], [100 * chance[c]] * 2, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(MEASURES)), [label.replace(", ", "\n", 1) for label, _, _ in MEASURES], fontsize=8)
+    ax.set(ylabel="%", ylim=(0, 100), title="scene-bias corpus: bars = mean over seeds, dots = seeds, dashed = chance")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
