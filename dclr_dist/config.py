@@ -75,7 +75,7 @@ class DataConfig:
     eval: list[str] = field(default_factory=list)
     # Videos per batch on each rank (the global batch is world_size times this).
     batch_size: int = 8
-    # DataLoader worker processes per rank; decoding is the bottleneck (design.md section 5).
+    # DataLoader worker processes per rank; decoding is the bottleneck (docs/design.md, section 9).
     workers: int = 4
     # Batches each DataLoader worker prepares ahead.
     prefetch: int = 2

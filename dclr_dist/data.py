@@ -30,7 +30,7 @@ previous batch (``skipped_samples``, ``skipped_shards``); summing them over the 
 all ranks gives the run's total. Training stops with an error only when nothing can be
 read: every shard in a row failing, or a stream's first 50 samples all damaged.
 
-Decoding (design.md section 5: the likely bottleneck). Each video is decoded once, from
+Decoding (docs/design.md, section 9: the likely bottleneck). Each video is decoded once, from
 the bytes in memory, with one decoder thread per DataLoader worker, seeking to the
 keyframe before each clip and decoding only up to its last frame; two clips close together
 are decoded in one pass. Only the frames used are converted to RGB, and that is all the

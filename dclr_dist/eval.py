@@ -4,7 +4,7 @@
     python -m dclr_dist.eval --checkpoint s3://bucket/runs/ucf/best --train s3://bucket/ucf101/train \\
         --test s3://bucket/ucf101/test --protocol finetune train.workers=8 train.gpus_per_worker=1
 
-Protocols (Ding, Qian, Xiong, arXiv 2207.05340, evaluation section; design.md section 2):
+Protocols (Ding, Qian, Xiong, arXiv 2207.05340, evaluation section; docs/design.md, section 7):
 
 - ``linear``: a linear classifier on frozen features. Multinomial logistic regression on
   the standardised video features of the train split, full-batch L-BFGS with an L2

@@ -21,7 +21,7 @@ bf16 mode casts parameters but not buffers, and batch norm refuses bf16 weights 
 fp32 running statistics: set data_types.buffer_dtype to "bf16", or use torch_autocast
 (fp32 weights). ZeRO-3 is out: momentum_update needs whole parameters on every rank.
 
-Decisions (see design.md section 2 for the released code's defects):
+Decisions (docs/design.md, section 8, lists every difference from the released code):
 - Activation maps come from the key (momentum) encoder, without gradient, as in the
   released code. A = sum_c f, normalised by its mean over the T' x H' x W' positions.
 - Pooling: soft weights GAP(f(v) * A) (released code), or a decoupling threshold: the

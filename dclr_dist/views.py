@@ -17,7 +17,7 @@ of the two clips v_q, v_k of a video
   makes d_0 a jump across the whole clip that no other frame of d resembles; the extra
   frame costs 1/(T+1) more pixels on the wire and one more frame to convert.
 
-The work is split so that the CPU only decodes (design.md section 5: CPU decoding is the
+The work is split so that the CPU only decodes (docs/design.md, section 9: CPU decoding is the
 scarce resource on GPU nodes):
 
 1. In the DataLoader worker: every random draw (``draw``: crop boxes, the static frame,

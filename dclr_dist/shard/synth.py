@@ -58,7 +58,7 @@ MIN_SIZE = 32
 
 # Encoding: these videos are a *source* that the packer re-encodes, so spend bits on
 # quality (crf 18) to keep the second generation clean. Keyframes every 16 frames so a
-# reader of this folder seeks cheaply too (design.md section 5).
+# reader of this folder seeks cheaply too (docs/design.md, section 9).
 CRF = 18
 GOP = 16
 PRESET = "veryfast"
