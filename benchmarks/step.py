@@ -7,6 +7,12 @@ small backbone. "gather" is the time spent inside the loss's collectives (the qu
 keys' all-gather; in in-batch mode also the gather with gradient and its backward
 all-reduce), waiting for the other worker included; "loss" and "backward" exclude it.
 The parameter-gradient all-reduce belongs to the trainer (DeepSpeed) and is not timed.
+
+"host syncs" counts, in one profiled step that starts from the loader's uint8 frames (views,
+forward, loss, backward, momentum update), the operations that make the host wait for the
+device on CUDA: ``aten::_local_scalar_dense`` (``.item()``, ``if tensor``) and
+``aten::nonzero`` (boolean-mask indexing). On CPU they cost nothing; counted here so that
+none creeps into the GPU path unseen.
 """
 
 import argparse
@@ -14,11 +20,14 @@ import socket
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dclr_dist import loss as loss_module
+from dclr_dist import views
+from dclr_dist.config import ViewsConfig
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, VIEWS
 
@@ -71,9 +80,27 @@ def worker(rank: int, world: int, port: int, in_batch: bool, args, results) -> N
             seconds = (t1 - t0, t2 - t1 - gather_fwd, gather_fwd + gather_bwd, t3 - t2 - gather_bwd)
             for part, s in zip(PARTS, seconds):
                 times[part].append(1e3 * s)
+    times["syncs"] = host_syncs(model, criterion, args)
     if rank == 0:
         results.put(times)
     dist.destroy_process_group()
+
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
+    """Host-synchronising ops in one whole step from uint8 frames (module docstring)."""
+    cfg = ViewsConfig(frames=args.frames, size=args.size)
+    rng = np.random.default_rng(0)
+    frames = torch.randint(0, 256, (args.batch, 3, args.frames + 1, args.size, args.size), dtype=torch.uint8)
+    raw = {"q": frames, "k": frames.clone(),
+           "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, args.size, args.size) for _ in range(args.batch)]))}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model.zero_grad()
+        criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
+        model.momentum_update()
+    return sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS)
 
 
 def free_port() -> int:
@@ -97,17 +124,19 @@ def main() -> None:
     print(f"DCLR step on CPU (gloo, 1 thread per worker): tiny backbone width {args.width}, "
           f"{args.batch} x 3 x {args.frames} x {args.size} x {args.size} per view per worker, "
           f"queue {args.queue}; median of {args.steps} steps, rank 0, ms")
-    print(f"{'negatives':<10}{'world':>6}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'gather share':>14}")
+    print(f"{'negatives':<10}{'world':>6}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'gather share':>14}"
+          f"{'host syncs':>12}")
     ctx = mp.get_context("spawn")
     for in_batch in (False, True):
         for world in args.worlds:
             results = ctx.SimpleQueue()
             mp.spawn(worker, args=(world, free_port(), in_batch, args, results), nprocs=world)
             times = results.get()
+            syncs = times.pop("syncs")
             median = {part: statistics.median(ts) for part, ts in times.items()}
             step = statistics.median(map(sum, zip(*times.values())))
             print(f"{'in-batch' if in_batch else 'queue':<10}{world:>6}" + "".join(f"{median[p]:>10.1f}" for p in PARTS)
-                  + f"{step:>10.1f}{median['gather'] / step:>14.1%}")
+                  + f"{step:>10.1f}{median['gather'] / step:>14.1%}{syncs:>12d}")
 
 
 if __name__ == "__main__":

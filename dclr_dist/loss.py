@@ -174,7 +174,8 @@ class DCLRLoss(nn.Module):
         if self.in_batch:
             rank = world()[0]
             bank = all_gather_with_grad(k)  # (N, 5, D), this rank's keys at rows rank * B ...
-            paired = F.one_hot(torch.arange(B, device=q.device) + rank * B, bank.shape[0]).bool()  # (B, N)
+            # (B, N): a comparison, not one_hot, whose range check reads the device on the host.
+            paired = torch.arange(bank.shape[0], device=q.device) == (torch.arange(B, device=q.device) + rank * B)[:, None]
             valid = ~paired
         else:
             # A copy: the enqueue below must not overwrite what backward still reads.

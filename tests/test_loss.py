@@ -193,3 +193,25 @@ def test_queues_survive_state_dict_round_trip():
 def test_collectives_degrade_to_identity_in_one_process():
     x = torch.randn(3, 5, 4, requires_grad=True)
     assert all_gather(x) is x and all_gather_with_grad(x) is x
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_a_training_step_never_makes_the_host_wait(in_batch):
+    # From the loader's uint8 frames through views, model, loss, backward and the momentum
+    # update: no op that reads a device value on the host (each a synchronisation on CUDA).
+    import numpy as np
+
+    from dclr_dist import views
+    from dclr_dist.config import ViewsConfig
+
+    cfg = ViewsConfig(frames=4, size=32)
+    rng = np.random.default_rng(0)
+    frames = torch.randint(0, 256, (4, 3, 5, 32, 32), dtype=torch.uint8)
+    raw = {"q": frames, "k": frames.clone(), "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, 32, 32)
+                                                                               for _ in range(4)]))}
+    model, criterion = DCLR("tiny", width=4, dim=8, in_batch=in_batch), DCLRLoss(dim=8, queue_size=8, in_batch=in_batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
+        model.momentum_update()
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::_local_scalar_dense", 0) == 0 and ops.get("aten::nonzero", 0) == 0
