@@ -62,6 +62,8 @@ class ShardConfig:
         _check(self.max_bytes >= 1024, where, "shard.max_bytes", f"must be >= 1024, got {self.max_bytes}")
         _check(bool(self.prefix) and all(c.isalnum() or c in "_-" for c in self.prefix), where,
                "shard.prefix", f"must be non-empty letters, digits, '_' or '-', got {self.prefix!r}")
+        # numpy's default_rng refuses negative seeds: fail here, not in the packer's first step.
+        _check(self.seed >= 0, where, "shard.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -106,7 +108,8 @@ class DataConfig:
         for key in ("batch_size", "prefetch", "shuffle_buffer", "eval_clips"):
             value = getattr(self, key)
             _check(value >= 1, where, f"data.{key}", f"must be >= 1, got {value}")
-        for key in ("workers", "shuffle_initial", "retries"):
+        # seed: numpy's default_rng refuses negative seeds, in the DataLoader workers, mid-run.
+        for key in ("workers", "shuffle_initial", "retries", "seed"):
             value = getattr(self, key)
             _check(value >= 0, where, f"data.{key}", f"must be >= 0, got {value}")
         _check(self.shuffle_initial <= self.shuffle_buffer, where, "data.shuffle_initial",
@@ -314,6 +317,7 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_failures >= -1, where, "train.max_failures", f"must be >= -1, got {self.max_failures}")
         _check(self.log_every >= 1, where, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.seed >= 0, where, "train.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -380,6 +384,33 @@ def _check(ok: bool, where: str, key: str, message: str) -> None:
         raise ConfigError(f"{where}: {key} {message}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error.
+
+    PyYAML lets the later one win silently: a second ``train:`` section would drop the first.
+    Checked as each mapping is composed, before merge keys (``<<: *base``, YAML's own way to
+    override a key) are flattened into it.
+    """
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKey(key, line, first[key])
+            first[key] = line
+        return node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides.
 
@@ -389,9 +420,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         where = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
         except FileNotFoundError:
             raise ConfigError(f"{where}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{where}: is a folder; give the path of a YAML config file") from None
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{where}: line {e.line}: duplicate key '{e.key}' (first at line {e.first}); "
+                              "keep one, the later would silently win") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: not valid YAML: {e}") from None
         if loaded is None:

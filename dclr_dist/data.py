@@ -69,7 +69,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
+import re
 import tarfile
 import time
 from collections import deque
@@ -115,18 +117,38 @@ class Shard:
     gop: int  # keyframe interval it was packed with
 
 
+# Shards are plain tar, as the packer writes them. Each tar member is read whole into memory,
+# so a small compressed shard can expand to gigabytes (a review turned a 1.3 MB gzip shard
+# into 600 MB), and mp4 does not compress further anyway.
+_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_REPACK = "repack the videos into uncompressed .tar shards with `python -m dclr_dist.shard`"
+
+
 def resolve_shards(urls: list[str]) -> list[Shard]:
     """The shards behind ``data.train`` / ``data.eval`` entries (see DataConfig), in order."""
     shards = []
     for entry in urls:
         for url in braceexpand(entry):
-            if url.endswith((".tar", ".tar.gz", ".tgz")):
+            _check_url(url)
+            if url.endswith(".tar"):
                 shards.append(Shard(url, None, DEFAULT_GOP))
             else:
                 shards.extend(_read_index(url if url.endswith(".json") else storage.join(url, "index.json")))
+    for shard in shards:
+        _check_url(shard.url)  # names an index.json lists, too
     if not shards:
         raise DataError(f"no shards in {urls!r}: the index.json files list none; re-pack the corpus")
     return shards
+
+
+def _check_url(url: str) -> None:
+    """Refuse URLs that run commands or name compressed shards, before any worker opens them."""
+    # WebDataset runs a pipe: URL as a shell command: a config or index.json is not a script.
+    if url.strip().lower().startswith("pipe:") and os.environ.get("DCLR_ALLOW_PIPE") != "1":
+        raise DataError(f"{url}: pipe: URLs run shell commands and are refused; list .tar files, an index.json "
+                        "or a packed folder (local or s3://), or set DCLR_ALLOW_PIPE=1 if you trust every URL")
+    if url.lower().endswith(_COMPRESSED_TAR):
+        raise DataError(f"{url}: compressed shards are not supported; {_REPACK}")
 
 
 def _read_index(url: str) -> list[Shard]:
@@ -315,10 +337,31 @@ def _tar_samples(stream, shard: Shard) -> Iterator[dict]:
             yield current
 
 
+# First bytes of a gzip, bzip2 or xz stream (bzip2's with its block magic: "BZh" alone could
+# begin a tar member's name).
+_COMPRESSED_MAGIC = {"gzip": re.compile(rb"\x1f\x8b"), "bzip2": re.compile(rb"BZh[1-9]1AY&SY"),
+                     "xz": re.compile(rb"\xfd7zXZ\x00")}
+
+
+def _refuse_compressed(stream, url: str) -> None:
+    # A shard named .tar may still be compressed; tarfile's "r|*" would quietly decompress it.
+    # Pipes cannot be peeked at; they are opt-in (DCLR_ALLOW_PIPE) and the user's to vouch for.
+    head = stream.peek(10)[:10] if hasattr(stream, "peek") else b""
+    for kind, magic in _COMPRESSED_MAGIC.items():
+        if magic.match(head):
+            raise DataError(f"{url}: a {kind}-compressed tar; compressed shards are not supported, {_REPACK}")
+
+
 def _open_shard(url: str, retries: int):
     for attempt in range(retries + 1):
         try:
-            return gopen(url, attempts=retries + 1) if storage.is_s3(url) else gopen(url)
+            stream = gopen(url, attempts=retries + 1) if storage.is_s3(url) else gopen(url)
+            try:
+                _refuse_compressed(stream, url)
+            except BaseException:
+                stream.close()
+                raise
+            return stream
         except OSError:
             # A shard can be missing for a moment (a sync in progress, an NFS hiccup): retry a
             # few times, then let read_shards skip it.

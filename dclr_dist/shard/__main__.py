@@ -100,6 +100,12 @@ def _pack(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     index = result.index
+    if index["samples"] == 0:
+        # Exit 0 would let a script go on to train on an empty corpus.
+        reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
+        print(f"error: nothing packed: all {index['inputs']} inputs were rejected ({reasons}); "
+              f"see {storage.join(args.output, 'rejects.jsonl')}", file=sys.stderr)
+        return 1
     mb = index["bytes"] / 1e6
     line = (f"packed {index['samples']} of {index['inputs']} inputs into {len(index['shards'])} shards "
             f"({mb:.1f} MB, {len(index['classes'])} classes) at {args.output}")

@@ -38,6 +38,10 @@ class Rejected:
     reason: str
 
 
+# Image formats that may hold an animation: one frame in them is a still image.
+_ANIMATED_IMAGE = ("gif", "apng", "webp")
+
+
 def _output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     # Every sample gets the same short side (upscaling small sources too), so the loader's
     # crops see one scale; sizes stay even because yuv420p needs it.
@@ -102,6 +106,11 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams})
         return Rejected(f"no video stream (found: {', '.join(kinds)})")
+    fmt = container.format.name
+    # FFmpeg demuxes a still image as a 1-frame video (image2, or png_pipe, jpeg_pipe and the
+    # other *_pipe image demuxers it picks by content, whatever the file's extension).
+    if fmt in ("image2", "image2pipe") or fmt.endswith("_pipe"):
+        return Rejected(f"not a video: a still image ({fmt})")
     stream = container.streams.video[0]
     src_rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not src_rate or src_rate <= 0:
@@ -128,12 +137,13 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
                     "x264-params": f"keyint={cfg.gop}:min-keyint={cfg.gop}:scenecut=0:threads=1:mbtree=0"}
 
     frame_tb = 1 / out_rate
-    written = 0
+    written = seen = 0
     start = None
     partial = None
     limit = math.inf if cfg.max_seconds is None else cfg.max_seconds
     try:
         for frame in container.decode(stream):
+            seen += 1
             t = frame.time if frame.time is not None else written / float(out_rate)
             start = t if start is None else start
             t -= start
@@ -158,6 +168,10 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     if written == 0:
         out.close()
         return Rejected("zero decodable video frames")
+    if seen == 1 and (fmt in _ANIMATED_IMAGE or not container.duration and not stream.duration):
+        # A still image in a format that can also animate; a real 1-frame video has a duration.
+        out.close()
+        return Rejected(f"not a video: a single frame in {fmt} (a still image)")
     for packet in vout.encode(None):
         out.mux(packet)
     out.close()
