@@ -16,6 +16,26 @@ examples:
   python -m dclr_dist.shard --input manifest.csv --split test --output shards/ucf101-test
   python -m dclr_dist.shard synth --output shards/synth-videos     (see: synth --help)
 
+public datasets as they ship (--dataset): their official splits and class numbering, the
+same numbering for every split; a listed video that is not on disk is a reject "missing":
+  UCF-101: videos UCF-101/<class>/<video>.avi, split lists ucfTrainTestlist/ (classInd.txt,
+  trainlist0N.txt, testlist0N.txt); labels follow classInd.txt; --fold 1-3 (default 1)
+    python -m dclr_dist.shard --dataset ucf101 --input UCF-101/ --annotations ucfTrainTestlist/ \\
+        --fold 1 --split train --output shards/ucf101-1-train
+  HMDB-51: videos hmdb51_org/<class>/<video>.avi, split files testTrainMulti_7030_splits/
+  (<class>_test_splitN.txt: 1 train, 2 test, 0 unused); classes sorted; --fold 1-3 (default 1)
+    python -m dclr_dist.shard --dataset hmdb51 --input hmdb51_org/ \\
+        --annotations testTrainMulti_7030_splits/ --fold 1 --split test --output shards/hmdb51-1-test
+  Kinetics-400/600/700: annotation CSVs (label,youtube_id,time_start,time_end,split[,is_cc]) or
+  their folder; videos <youtube_id>_<start:06d>_<end:06d>.mp4 in IN/<label>/, flat in IN/ or at any
+  depth; classes are every label of the CSVs given, sorted (give all splits' CSVs); --split train, val
+    python -m dclr_dist.shard --dataset kinetics --input kinetics400/train/ \\
+        --annotations kinetics400/annotations/ --split train --output shards/k400-train
+  Something-Something v2: videos 20bn-something-something-v2/<id>.webm, --annotations the
+  folder with labels.json, train.json, validation.json; labels follow labels.json; --split train, val
+    python -m dclr_dist.shard --dataset ssv2 --input 20bn-something-something-v2/ \\
+        --annotations labels/ --split val --output shards/ssv2-val
+
 object storage: s3:// URLs use the standard AWS environment (AWS_ENDPOINT_URL for MinIO,
 Ceph, R2 and other S3-compatible stores; AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or
 AWS_PROFILE). --ray uses the cluster in RAY_ADDRESS, or starts a local one.
@@ -26,6 +46,7 @@ could not be packed, with the reason). Re-running the same command resumes an in
 run. Format: shards/README.md.
 """
 
+_DATASETS = ("ucf101", "hmdb51", "kinetics", "ssv2")  # dclr_dist.shard.datasets.NAMES, without importing it
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 
 
@@ -48,9 +69,18 @@ def _pack_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="IN",
                    help="class folders (IN/<class>/<video>, as UCF-101 and HMDB-51 ship) or a .csv/.jsonl "
                         "manifest with path,label[,split] (relative paths are relative to the manifest; "
-                        "extra columns are kept in the record's meta)")
+                        "extra columns are kept in the record's meta); with --dataset, its video folder")
     p.add_argument("--output", required=True, metavar="OUT", help="a local folder or s3://bucket/prefix")
-    p.add_argument("--split", help="pack only the manifest rows of this split (e.g. train)")
+    p.add_argument("--split", help="pack only the manifest rows of this split (e.g. train); with --dataset: "
+                   "train or test (ucf101, hmdb51), train or val (kinetics, ssv2)")
+    g = p.add_argument_group("public datasets in their official layout (examples below)")
+    g.add_argument("--dataset", choices=_DATASETS,
+                   help="read IN and --annotations as this dataset ships, with its split files and class numbering")
+    g.add_argument("--annotations", action="append", metavar="PATH",
+                   help="ucf101: the ucfTrainTestlist/ folder; hmdb51: the testTrainMulti_7030_splits/ folder "
+                        "(both default to that folder inside or next to IN); kinetics: the annotation CSVs or "
+                        "their folder (repeatable); ssv2: the folder with labels.json")
+    g.add_argument("--fold", type=int, metavar="N", help="ucf101, hmdb51: official split 1, 2 or 3 (default 1)")
     p.add_argument("--config", metavar="FILE.yaml", help="read encoding settings from the shard: section "
                    "of a dclr-dist config; the flags below override it")
     g = p.add_argument_group("encoding (defaults fit 16x112x112 clips)")
@@ -81,9 +111,13 @@ _FLAGS = ("short_side", "fps", "crf", "gop", "preset", "max_seconds", "max_sampl
 
 
 def _pack(argv: list[str]) -> int:
+    from dclr_dist.shard import datasets
     from dclr_dist.shard.pack import PackError, pack
 
-    args = _pack_parser().parse_args(argv)
+    parser = _pack_parser()
+    args = parser.parse_args(argv)
+    if args.dataset is None and (args.annotations or args.fold is not None):
+        parser.error("--annotations and --fold go with --dataset (ucf101, hmdb51, kinetics or ssv2)")
     try:
         overrides = [f"shard.{k}={getattr(args, k)}" for k in _FLAGS if getattr(args, k) is not None]
         cfg = load_config(args.config, overrides).shard
@@ -94,7 +128,11 @@ def _pack(argv: list[str]) -> int:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
     try:
-        result = pack(args.input, args.output, cfg, split=args.split, workers=args.workers,
+        source, split = args.input, args.split
+        if args.dataset is not None:
+            source = datasets.spec(args.dataset, args.input, annotations=args.annotations or (), fold=args.fold)
+            split = datasets.canonical_split(args.dataset, args.split)
+        result = pack(source, args.output, cfg, split=split, workers=args.workers,
                       use_ray=args.ray, overwrite=args.overwrite, progress=not args.no_progress)
     except (PackError, storage.StorageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

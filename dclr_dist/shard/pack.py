@@ -67,12 +67,26 @@ class Input:
 # --------------------------------------------------------------------------- inputs
 
 def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], list[str]]:
-    """Inputs in a stable order and the sorted class names.
+    """Inputs in a stable order and the class names of the whole dataset.
 
     A folder is read as ``IN/<class>/<file>`` (UCF-101/HMDB-51 layout; deeper files take the
     class of their top folder; hidden files are skipped). A ``.csv`` or ``.jsonl`` file is a
-    manifest with ``path,label[,split]`` and any extra columns, kept as ``meta``.
+    manifest with ``path,label[,split]`` and any extra columns, kept as ``meta``. A public
+    dataset in its official layout is named by ``datasets.spec()`` (``ucf101:...``,
+    ``hmdb51:...``, ``kinetics:...``, ``ssv2:...``) and read from its own split files.
+
+    The class list never depends on ``split``: it comes from every row of a manifest (all
+    splits), or from the dataset's own class list, so the train and test packings of one
+    dataset share one numbering even when a split lacks a class. Manifest and folder labels
+    are sorted (integer labels as numbers).
     """
+    from dclr_dist.shard import datasets
+
+    dataset = datasets.parse(input_url)
+    if dataset is not None:
+        inputs, classes = datasets.list_dataset(dataset, split)
+        _mark_duplicates(inputs)
+        return inputs, classes
     if storage.is_s3(input_url):
         raise PackError(f"{input_url}: an S3 input must be a manifest file (.csv or .jsonl) "
                         "whose rows point at the videos; class folders are read from local disk")
@@ -85,12 +99,13 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
         raise PackError(f"{input_url}: no such file or folder")
     else:
         raise PackError(f"{input_url}: expected a class folder or a .csv/.jsonl manifest")
+    # Before the split is chosen: a class that one split lacks must not shift the labels of the rest.
+    classes = _sorted_classes({i.label for i in inputs if i.problem is None})
     if split is not None:
         inputs = [i for i in inputs if i.split == split]
         if not inputs:
             raise PackError(f"{input_url}: no inputs with split '{split}'")
     _mark_duplicates(inputs)
-    classes = _sorted_classes({i.label for i in inputs if i.problem is None})
     return inputs, classes
 
 
@@ -278,8 +293,9 @@ class _ShardWriter:
         Path(self.tmp).unlink(missing_ok=True)
 
 
-def _fingerprint(input_url: str, split: str | None, cfg: ShardConfig, inputs: list[Input]) -> str:
-    digest = hashlib.sha256(json.dumps([input_url, split, dataclasses.asdict(cfg)], sort_keys=True).encode())
+def _fingerprint(input_url: str, split: str | None, cfg: ShardConfig, inputs: list[Input], classes: list[str]) -> str:
+    # The classes too: they come from every split, so a row added to another split can renumber this one.
+    digest = hashlib.sha256(json.dumps([input_url, split, dataclasses.asdict(cfg), classes], sort_keys=True).encode())
     for i in inputs:
         digest.update(json.dumps([i.source, i.url, i.label, i.split, i.meta, i.problem], sort_keys=True).encode())
     return digest.hexdigest()
@@ -302,7 +318,7 @@ def pack(input_url: str, output: str, cfg: ShardConfig, *, split: str | None = N
         order = np.random.default_rng(cfg.seed).permutation(len(inputs))
         inputs = [inputs[i] for i in order]
     storage.ensure_writable(output)
-    fingerprint = _fingerprint(input_url, split, cfg, inputs)
+    fingerprint = _fingerprint(input_url, split, cfg, inputs, classes)
     index_url = storage.join(output, "index.json")
     if overwrite:
         _clear(output, cfg.prefix)

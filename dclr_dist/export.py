@@ -1,0 +1,179 @@
+"""``python -m dclr_dist.export``: a pretrained DCLR backbone as a torchvision video model's weights.
+
+    python -m dclr_dist.export --checkpoint runs/ucf --out r2plus1d_18_dclr.pt
+    python -m dclr_dist.export --checkpoint s3://bucket/runs/ucf/best --format plain --out backbone.pt
+
+Formats:
+
+- ``torchvision`` (default): the backbone under the parameter names of
+  ``torchvision.models.video.<arch>``, for the torchvision archs the trainer uses
+  (r2plus1d_18, r3d_18, mc3_18, s3d). The file holds every weight and batch-norm buffer
+  except the classifier's (``fc.*``; ``classifier.*`` for s3d), which pretraining does not
+  train: build the network with the number of classes of the downstream task and load with
+  ``strict=False``; the classifier's keys are then the only missing ones::
+
+      net = torchvision.models.video.r2plus1d_18(num_classes=101)
+      missing, unexpected = net.load_state_dict(torch.load("r2plus1d_18_dclr.pt", weights_only=True), strict=False)
+      assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}
+
+  (s3d: ``{"classifier.1.weight", "classifier.1.bias"}``, see :data:`CLASSIFIER`.) For
+  features instead of logits, replace the classifier: ``net.fc = nn.Identity()`` gives the
+  globally average-pooled features of r2plus1d_18, r3d_18 and mc3_18, (B, 512), the features
+  DCLR's evaluation uses. For s3d use ``net.features(x).mean((2, 3, 4))``, (B, 1024):
+  torchvision's S3D pools with a fixed AvgPool3d((2, 7, 7), stride 1) before its
+  convolutional classifier, which is global pooling only where the feature map is 2x7x7
+  (16x224x224 clips) and fails on smaller ones.
+- ``plain``: the checkpoint's ``backbone.pt`` as the trainer wrote it, a state_dict of
+  ``dclr_dist.model.backbone(arch, width)`` (keys ``0.0.weight``, ...). The only format
+  for the ``tiny`` backbone, which has no torchvision counterpart.
+
+Both are state_dicts of tensors only: ``torch.load(path, weights_only=True)`` reads them.
+The backbone is the query encoder's, with batch-norm running statistics from RGB clips, so
+feed clips normalised as in pretraining (the checkpoint's ``config.views``).
+
+``--checkpoint`` is what ``python -m dclr_dist.eval`` takes: a checkpoint folder
+(``backbone.pt`` + ``meta.json``), a run's ``best/`` or the run folder itself (its
+``best/``), local or s3://. ``--out`` may be an s3:// URL too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import torch
+
+from dclr_dist import storage
+from dclr_dist.eval import EvalError, load_backbone, load_meta, resolve_checkpoint
+
+FORMATS = ("torchvision", "plain")
+
+# The backbone's top-level modules (nn.Sequential indices) under torchvision's names.
+_PREFIXES = {
+    "r2plus1d_18": ("stem", "layer1", "layer2", "layer3", "layer4"),
+    "r3d_18": ("stem", "layer1", "layer2", "layer3", "layer4"),
+    "mc3_18": ("stem", "layer1", "layer2", "layer3", "layer4"),
+    "s3d": None,  # the backbone is S3D.features itself: every key gets "features."
+}
+
+# The keys of each torchvision model the export leaves out: its classifier, not pretrained.
+CLASSIFIER = {
+    "r2plus1d_18": ("fc.weight", "fc.bias"),
+    "r3d_18": ("fc.weight", "fc.bias"),
+    "mc3_18": ("fc.weight", "fc.bias"),
+    "s3d": ("classifier.1.weight", "classifier.1.bias"),
+}
+
+TORCHVISION_ARCHS = tuple(CLASSIFIER)
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made; the message names what and says what to do."""
+
+
+def check_torchvision_arch(arch: str) -> None:
+    if arch not in TORCHVISION_ARCHS:
+        raise ExportError(f"the {arch} backbone has no torchvision equivalent (torchvision format: "
+                          f"{', '.join(TORCHVISION_ARCHS)}); export it with --format plain")
+
+
+def to_torchvision(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """``state_dict`` of ``dclr_dist.model.backbone(arch, 64)`` under ``torchvision.models.video.<arch>``'s keys.
+
+    Every key of the torchvision model but its classifier's (:data:`CLASSIFIER`), the same
+    tensors (not copied). Raises ExportError for an arch without a torchvision model, and
+    when ``state_dict`` is not that backbone's (keys or shapes differ).
+    """
+    check_torchvision_arch(arch)
+    prefixes = _PREFIXES[arch]
+    out = {}
+    for key, value in state_dict.items():
+        if prefixes is None:
+            out[f"features.{key}"] = value
+            continue
+        head, _, rest = key.partition(".")
+        if not head.isdigit() or int(head) >= len(prefixes) or not rest:
+            raise ExportError(f"state_dict key {key!r} is not one of the {arch} backbone's (keys 0.* to "
+                              f"{len(prefixes) - 1}.*): pass the backbone.pt of a {arch} checkpoint")
+        out[f"{prefixes[int(head)]}.{rest}"] = value
+
+    from torchvision.models import video
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        want = {k: v.shape for k, v in getattr(video, arch)(weights=None).state_dict().items()
+                if k not in CLASSIFIER[arch]}
+    missing, unexpected = sorted(want.keys() - out.keys()), sorted(out.keys() - want.keys())
+    wrong = sorted(k for k in want.keys() & out.keys() if tuple(out[k].shape) != tuple(want[k]))
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                f"{wrong[0]} has shape {tuple(out[wrong[0]].shape)}, torchvision's {tuple(want[wrong[0]])}")
+        raise ExportError(f"the state_dict does not fit torchvision's {arch} ({what}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected, {len(wrong)} of another shape): pass the backbone.pt "
+                          f"of a {arch} checkpoint")
+    return out
+
+
+def export(checkpoint: str, out: str, fmt: str = "torchvision") -> dict:
+    """Write the backbone of ``checkpoint`` (a URL as ``--checkpoint`` takes) to ``out`` in ``fmt``.
+
+    Returns what was written: {"folder", "arch", "format", "tensors", "missing"} (missing:
+    the torchvision model's keys the file leaves out).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    folder = resolve_checkpoint(checkpoint)
+    meta = load_meta(folder)
+    arch = meta["model"]["arch"]
+    if fmt == "torchvision":
+        check_torchvision_arch(arch)  # before reading the weights
+    f, _ = load_backbone(folder, meta)  # refuses a backbone.pt that does not fit meta.json
+    state = f.state_dict()  # backbone.pt's tensors, loaded into the backbone meta.json names
+    if fmt == "torchvision":
+        state = to_torchvision(state, arch)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    storage.write_bytes(out, buf.getvalue())
+    return {"folder": folder, "arch": arch, "format": fmt, "tensors": len(state),
+            "missing": list(CLASSIFIER[arch]) if fmt == "torchvision" else []}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dclr_dist.export",
+        description="Export the pretrained backbone of a DCLR checkpoint as a state_dict for "
+                    "torchvision.models.video.<arch> (default) or as the trainer's plain backbone.pt. "
+                    "The file is tensors only: torch.load(path, weights_only=True).",
+        epilog="formats:\n"
+               "  torchvision  the keys of torchvision.models.video.<arch> (r2plus1d_18, r3d_18, mc3_18,\n"
+               "               s3d) without its classifier (fc.*; classifier.* for s3d), which is not\n"
+               "               pretrained. Load it into a network with your number of classes:\n"
+               "                 net = torchvision.models.video.r2plus1d_18(num_classes=101)\n"
+               "                 missing, unexpected = net.load_state_dict(\n"
+               "                     torch.load(\"FILE.pt\", weights_only=True), strict=False)\n"
+               "                 assert not unexpected and set(missing) == {\"fc.weight\", \"fc.bias\"}\n"
+               "               For pooled features: net.fc = nn.Identity() (s3d: net.features(x).mean((2, 3, 4))).\n"
+               "  plain        backbone.pt as the trainer wrote it: a state_dict of\n"
+               "               dclr_dist.model.backbone(arch, width); the only format for tiny.\n\n"
+               "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="URL",
+                        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
+                             "its run folder (uses best/); local or s3://")
+    parser.add_argument("--format", default="torchvision", choices=FORMATS,
+                        help="torchvision (default) or plain, see below")
+    parser.add_argument("--out", required=True, metavar="FILE.pt", help="where the state_dict goes; local or s3://")
+    args = parser.parse_args(argv)
+    try:
+        done = export(args.checkpoint, args.out, args.format)
+    except (ExportError, EvalError, storage.StorageError, FileNotFoundError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return 1
+    left_out = f", without {' and '.join(done['missing'])}" if done["missing"] else ""
+    print(f"wrote {args.out}: {done['arch']} backbone of {done['folder']}, {done['format']} format, "
+          f"{done['tensors']} tensors{left_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
