@@ -305,10 +305,17 @@ def report(rows: list[dict], out: Path, args) -> None:
     paired = _paired(results)
     table = "\n".join(lines + [""] + paired)
     print(table)
+    md = ["| measure, % (mean +- std, n seeds) | " + " | ".join(results) + " | chance |",
+          "|---|" + "---:|" * (len(results) + 1)]
+    for label, key, c in MEASURES:
+        cells = [f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})"
+                 for v in ([100 * r[key] for r in rows_m] for rows_m in results.values())]
+        md.append(f"| {label} | " + " | ".join(cells) + f" | {100 * chance[c]:.1f} |")
+    (out / "scene_bias.md").write_text("\n".join(md) + "\n")
     (out / "scene_bias.json").write_text(json.dumps({"corpus": CORPUS, "common_overrides": COMMON, "fixes": FIXED,
                                                      "methods": {m: METHODS.get(m) for m in results},
                                                      "chance": chance, "runs": results, "table": table}, indent=1))
-    print(f"wrote {out / 'scene_bias.json'}")
+    print(f"wrote {out / 'scene_bias.json'}, {out / 'scene_bias.md'}")
     print(f"wrote {plot(results, chance, out / 'scene_bias.png')}")
 
 
