@@ -42,6 +42,7 @@ from dclr_dist.eval import knn_predict, logistic_regression  # noqa: E402
 from dclr_dist.loss import DCLRLoss  # noqa: E402
 from dclr_dist.model import DCLR, gap  # noqa: E402
 from dclr_dist.train import DEMO_CONFIG, ensure_demo_shards  # noqa: E402
+from scene_bias import train_views  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 
@@ -55,21 +56,6 @@ def load(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor,
             videos.append(np.stack([f.to_ndarray(format="rgb24", width=size, height=size)
                                     for f in container.decode(video=0)]))
     return torch.from_numpy(np.stack(videos)), torch.tensor([classes.index(r["label"]) for r in rows]), classes
-
-
-def train_views(videos: torch.Tensor, idx: np.ndarray, cfg, rng: np.random.Generator) -> dict:
-    """The model's six views for videos[idx]: two clips at random positions each, as the loader draws them."""
-    L, T, stride = videos.shape[1], cfg.frames, cfg.stride
-    span = T * stride + 1  # T + 1 frames: v_{-1} for the dynamic view
-    q, k, aug = [], [], []
-    for i in idx:
-        for clips in (q, k):
-            start = int(rng.integers(0, L - span + 1))
-            clips.append(videos[i, start:start + span:stride])
-        aug.append(views.draw(rng, cfg, videos.shape[2], videos.shape[3]))
-    batch = {"q": torch.stack(q).permute(0, 4, 1, 2, 3), "k": torch.stack(k).permute(0, 4, 1, 2, 3),
-             "aug": torch.from_numpy(np.stack(aug))}  # (B, 3, T+1, H, W) uint8 each
-    return views.dclr_views(batch, cfg)
 
 
 @torch.no_grad()
