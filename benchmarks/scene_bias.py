@@ -66,7 +66,7 @@ from dclr_dist.config import BASELINE, load_config  # noqa: E402
 from dclr_dist.data import shard_order  # noqa: E402
 from dclr_dist.eval import Features, choose_l2, knn_retrieval, linear_probe, scene_probe  # noqa: E402
 from dclr_dist.loss import DCLRLoss  # noqa: E402
-from dclr_dist.model import DCLR, backbone, gap  # noqa: E402
+from dclr_dist.model import DCLR, gap  # noqa: E402
 from dclr_dist.shard.synth import write_corpus  # noqa: E402
 from dclr_dist.train import DEMO_CONFIG, lr_lambda  # noqa: E402
 

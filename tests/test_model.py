@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from dclr_dist.loss import DCLRLoss
 from dclr_dist import batchnorm
