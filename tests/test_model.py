@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dclr_dist.loss import DCLRLoss
 from dclr_dist import batchnorm
+from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, VIEWS, VV, activation_map, backbone, gap, pool
 
 
