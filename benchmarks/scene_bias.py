@@ -16,7 +16,7 @@ schedule (``dclr_dist.train.lr_lambda``). No Ray or DeepSpeed: the trainer's equ
 this loop is what ``tests/test_loss_distributed.py`` and ``tests/test_train.py`` check, and
 here the budget goes to steps and seeds. Every method gets the same steps (``--steps``,
 default 1152: 4x the earlier benchmark's 288), batch 16, seeds (model init, data order,
-augmentation), crops at scale 0.5-1 (the object stays in both crops of 85% of pairs, 56% at
+augmentation), crops at scale 0.5-1 (by the method review's count, not re-measured here, the object stays in both crops of 85% of pairs, 56% at
 the paper's 0.2-1 on these 64-pixel frames). Runs go ``--jobs`` at a time, one thread each.
 
 Evaluation: the final weights (no checkpoint selection), 5 clips per video, batch norm in
