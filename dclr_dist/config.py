@@ -38,8 +38,15 @@ class ShardConfig:
     # most gop-1 frames it does not need; larger saves bytes, smaller saves decode time.
     gop: int = 16
     preset: str = "veryfast"
+    # x264 tune, or null for none. fastdecode (no CABAC, no deblocking) makes every training
+    # read cheaper for a few % more bytes: decoding, not the GPU, bounds a fast node.
+    tune: str | None = None
     # Longer sources are cut: a training clip needs seconds, not a 2-hour film in memory.
     max_seconds: float | None = 600.0
+    # Seconds one input may take in its transcoding process before that process is killed
+    # and the input rejected: a read that never returns (hung network mount) must not stall
+    # the run. Generous, since a 10-minute 4K source takes minutes on one core; null: no limit.
+    input_timeout: float | None = 1800.0
     max_samples: int = 1000
     max_bytes: int = 512 * 1024 * 1024
     prefix: str = "shard"
@@ -56,8 +63,13 @@ class ShardConfig:
         _check(self.gop >= 1, where, "shard.gop", f"must be >= 1, got {self.gop}")
         _check(self.preset in _X264_PRESETS, where, "shard.preset",
                f"must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}")
+        tunes = ("film", "animation", "grain", "stillimage", "psnr", "ssim", "fastdecode", "zerolatency")
+        _check(self.tune is None or self.tune in tunes, where, "shard.tune",
+               f"must be null or one of {', '.join(tunes)} (x264), got {self.tune!r}")
         _check(self.max_seconds is None or self.max_seconds > 0, where, "shard.max_seconds",
                f"must be > 0 or null, got {self.max_seconds}")
+        _check(self.input_timeout is None or self.input_timeout > 0, where, "shard.input_timeout",
+               f"must be > 0 or null, got {self.input_timeout}")
         _check(self.max_samples >= 1, where, "shard.max_samples", f"must be >= 1, got {self.max_samples}")
         _check(self.max_bytes >= 1024, where, "shard.max_bytes", f"must be >= 1024, got {self.max_bytes}")
         _check(bool(self.prefix) and all(c.isalnum() or c in "_-" for c in self.prefix), where,
@@ -72,7 +84,8 @@ class DataConfig:
 
     # Shards to read, each entry one of: a shard (.tar), an index.json, a packed folder or
     # prefix (its index.json is read), or a brace pattern (shard-{000000..000099}.tar);
-    # local or s3://. An index.json gives the shards' sample counts, which a bare list lacks.
+    # local or s3://. Sample counts come from the index.json (also one beside shards listed
+    # by URL); shards no index lists (other tools') are read whole, with unknown counts.
     train: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     # Videos per batch on each rank (the global batch is world_size times this).
@@ -83,7 +96,8 @@ class DataConfig:
     prefetch: int = 2
     # Samples held for shuffling by each DataLoader worker, as compressed mp4 bytes, so memory
     # is about shuffle_buffer x the mean video size per worker; shuffle_initial are buffered
-    # before the first sample leaves (a faster start, a less random first batch).
+    # before an epoch's first sample leaves (a faster start, a less random first batch): the
+    # buffer drains at each epoch's end, so no video is read twice or dropped in an epoch.
     shuffle_buffer: int = 256
     shuffle_initial: int = 64
     # Epoch length, the same on every rank so collectives never wait on a rank that ran out:
@@ -290,9 +304,29 @@ class TrainConfig:
     grad_clip: float = 0.0
     # bf16 runs under autocast with fp32 master weights; fp32 on CPU CI.
     precision: Literal["fp32", "bf16"] = "fp32"
-    zero_stage: int = 1
-    # Checkpoint every N epochs; Ray keeps the newest keep_checkpoints, the best backbone is kept apart.
+    # DeepSpeed ZeRO stage. 0: every rank holds the whole optimizer state; gradients are
+    # all-reduced in fp32, bucket by bucket while backward runs; a run resumes at any
+    # train.workers. 2: optimizer state and gradients sharded, reductions overlapped with
+    # backward; for models far larger than R(2+1)D-18's 31M parameters, where sharding SGD's
+    # momentum and the gradients saves at most ~250 MB per GPU. 1: optimizer state sharded,
+    # kept to resume runs checkpointed with it (the old default). Stages 1-2 resume only at
+    # the same train.workers (DeepSpeed does not re-partition their shards).
+    zero_stage: int = 0
+    # Speed switches for GPU runs (the GPU recipes set them; off on CPU, where they gain nothing).
+    # cudnn_benchmark: cuDNN times its convolution algorithms once per input shape and keeps
+    # the fastest; shapes are fixed here, so that happens in the first steps only.
+    cudnn_benchmark: bool = False
+    # channels_last: the backbones' inputs, and so every convolution and activation, in
+    # torch.channels_last_3d (NDHWC), the layout of tensor-core convolutions.
+    channels_last: bool = False
+    # compile: torch.compile each backbone in place (state_dict keys unchanged); the first
+    # steps and the first evaluation compile (minutes).
+    compile: bool = False
+    # Checkpoint every N epochs (0: not by epochs), and at the first epoch end checkpoint_minutes
+    # after the previous checkpoint (null: not by time), whichever comes first; the last epoch
+    # always. Ray keeps the newest keep_checkpoints, the best backbone is kept apart.
     checkpoint_every: int = 1
+    checkpoint_minutes: float | None = None
     keep_checkpoints: int = 2
     # Worker/node failures survived by restarting from the latest checkpoint (-1: unlimited).
     max_failures: int = 3
@@ -313,7 +347,10 @@ class TrainConfig:
         _check(self.grad_clip >= 0, where, "train.grad_clip", f"must be >= 0 (0: off), got {self.grad_clip}")
         _check(self.zero_stage in (0, 1, 2), where, "train.zero_stage",
                f"must be 0, 1 or 2 (ZeRO-3 shards parameters, which the momentum encoder needs whole), got {self.zero_stage}")
-        _check(self.checkpoint_every >= 1, where, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_every >= 0, where, "train.checkpoint_every",
+               f"must be >= 0 (0: not by epochs), got {self.checkpoint_every}")
+        _check(self.checkpoint_minutes is None or self.checkpoint_minutes > 0, where, "train.checkpoint_minutes",
+               f"must be > 0 or null, got {self.checkpoint_minutes}")
         _check(self.keep_checkpoints >= 1, where, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_failures >= -1, where, "train.max_failures", f"must be >= -1, got {self.max_failures}")
         _check(self.log_every >= 1, where, "train.log_every", f"must be >= 1, got {self.log_every}")
@@ -341,6 +378,17 @@ class EvalConfig:
     # per train.ref_batch samples and scaled linearly like pretraining's.
     finetune_epochs: int = 10
     finetune_lr: float = 0.1
+    # Feature extraction of `python -m dclr_dist.eval`: 0 runs it in the driver process (on its
+    # GPU if it has one), which suits small splits; N > 0 runs it in N Ray tasks on the cluster,
+    # each reading every N-th part of the shards with data.workers loader processes and
+    # reserving what follows (gpus_per_worker > 0: on a GPU).
+    workers: int = 0
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    # k-NN and retrieval compare this many queries at a time with the whole gallery (top-k,
+    # no full sort): memory about chunk x gallery x 5 bytes (512 x 240k Kinetics-400 train
+    # videos: 0.6 GB), where sorting all test x train similarities would take 57 GB.
+    chunk: int = 512
 
     def validate(self, where: str) -> None:
         _check(self.every >= 0, where, "eval.every", f"must be >= 0 (0: off), got {self.every}")
@@ -351,6 +399,10 @@ class EvalConfig:
         _check(self.l2 is None or self.l2 >= 0, where, "eval.l2", f"must be >= 0 or null, got {self.l2}")
         _check(self.finetune_epochs >= 1, where, "eval.finetune_epochs", f"must be >= 1, got {self.finetune_epochs}")
         _check(self.finetune_lr > 0, where, "eval.finetune_lr", f"must be > 0, got {self.finetune_lr}")
+        _check(self.workers >= 0, where, "eval.workers", f"must be >= 0 (0: in this process), got {self.workers}")
+        _check(self.gpus_per_worker >= 0, where, "eval.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.cpus_per_worker > 0, where, "eval.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check(self.chunk >= 1, where, "eval.chunk", f"must be >= 1, got {self.chunk}")
 
 
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",

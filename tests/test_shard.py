@@ -205,6 +205,25 @@ def test_rerun_on_finished_output_does_nothing_and_other_options_are_refused(cla
                                                            "shard-000001.tar"]
 
 
+def test_tune_fastdecode_is_applied_and_recorded(tmp_path, sample_videos, capsys):
+    from dclr_dist.shard.__main__ import main
+
+    (tmp_path / "in" / "cls").mkdir(parents=True)
+    shutil.copyfile(sample_videos["carphone_pristine"], tmp_path / "in" / "cls" / "v.mp4")
+    streams = {}
+    for tune in (None, "fastdecode"):
+        out = tmp_path / f"out-{tune}"
+        index = pack(str(tmp_path / "in"), str(out), ShardConfig(short_side=64, tune=tune), progress=False).index
+        assert index["encoding"]["tune"] == tune and len(_records(str(out))) == 1  # every frame decodes
+        with tarfile.open(out / index["shards"][0]["name"]) as tar:
+            streams[tune] = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".mp4"))
+    # x264 writes its settings into the stream: fastdecode turns off CABAC and the deblocking filter
+    assert b"cabac=1" in streams[None] and b"deblock=1" in streams[None]
+    assert b"cabac=0" in streams["fastdecode"] and b"deblock=0" in streams["fastdecode"]
+    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--tune", "fast"]) == 2
+    assert "shard.tune must be null or one of film, animation" in capsys.readouterr().err
+
+
 def test_max_bytes_bounds_shard_size(class_folders, tmp_path):
     out = str(tmp_path / "out")
     index = pack(str(class_folders), out, ShardConfig(short_side=64, max_bytes=40_000), progress=False).index

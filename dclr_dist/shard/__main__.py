@@ -90,6 +90,8 @@ def _pack_parser() -> argparse.ArgumentParser:
     g.add_argument("--gop", type=int, help=f"keyframe interval in frames; a clip read decodes at most this many "
                    f"frames it does not use (default {d.gop})")
     g.add_argument("--preset", help=f"x264 speed preset (default {d.preset})")
+    g.add_argument("--tune", help="x264 tune; fastdecode makes every training read cheaper for a few %% more "
+                   "bytes (default: none)")
     g.add_argument("--max-seconds", type=float, help=f"cut sources after this many seconds (default {d.max_seconds:g})")
     g = p.add_argument_group("shards")
     g.add_argument("--max-samples", type=int, help=f"samples per shard at most (default {d.max_samples})")
@@ -102,12 +104,15 @@ def _pack_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray", action="store_true",
                    help="transcode on a Ray cluster instead (RAY_ADDRESS, or a local one); inputs must be "
                         "readable from every node (shared file system or s3:// manifest rows)")
+    g.add_argument("--input-timeout", type=float, metavar="SECONDS",
+                   help=f"reject an input not transcoded after this long (default {d.input_timeout:g})")
     g.add_argument("--overwrite", action="store_true", help="replace an existing packing in OUT")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
     return p
 
 
-_FLAGS = ("short_side", "fps", "crf", "gop", "preset", "max_seconds", "max_samples", "max_bytes", "prefix")
+_FLAGS = ("short_side", "fps", "crf", "gop", "preset", "tune", "max_seconds", "max_samples", "max_bytes", "prefix",
+          "input_timeout")
 
 
 def _pack(argv: list[str]) -> int:
@@ -134,9 +139,12 @@ def _pack(argv: list[str]) -> int:
             split = datasets.canonical_split(args.dataset, args.split)
         result = pack(source, args.output, cfg, split=split, workers=args.workers,
                       use_ray=args.ray, overwrite=args.overwrite, progress=not args.no_progress)
-    except (PackError, storage.StorageError, FileNotFoundError) as e:
+    except (PackError, OSError) as e:  # StorageError is an OSError; each message names the thing and the fix
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
+        return 130
     index = result.index
     if index["samples"] == 0:
         # Exit 0 would let a script go on to train on an empty corpus.
@@ -152,6 +160,8 @@ def _pack(argv: list[str]) -> int:
     elif result.resumed_shards:
         line += f"; kept {result.resumed_shards} shards from an earlier run"
     print(line)
+    if result.redone:
+        print(result.redone)
     if index["rejected"]:
         reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
         print(f"rejected {index['rejected']} inputs ({reasons}); see {storage.join(args.output, 'rejects.jsonl')}")
