@@ -269,3 +269,36 @@ def ensure_writable(url: str) -> None:
         raise StorageError(f"{url}: cannot create the output folder ({e.strerror})") from e
     if not os.access(path, os.W_OK):
         raise StorageError(f"{url}: the output folder is not writable")
+
+
+def bucket_region(url: str) -> str:
+    """The region to sign requests to the bucket of ``url`` with, for S3 clients that do not
+    follow S3's region redirects as boto3 does (pyarrow's, which Ray uses for checkpoints).
+
+    The bucket's own answer first (HeadBucket's x-amz-bucket-region, which AWS gives even
+    when it refuses the request): a configured region that differs passes every boto3 call
+    and fails pyarrow's. Then the region configured as boto3 and the AWS CLI read it
+    (AWS_REGION, AWS_DEFAULT_REGION, the profile's), then us-east-1.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split_s3(url)
+
+    def head() -> dict:
+        try:
+            return s3_client().head_bucket(Bucket=bucket)["ResponseMetadata"]["HTTPHeaders"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                raise
+            return e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+
+    try:
+        headers = retry(head, f"open {url}")
+    except FileNotFoundError:
+        raise StorageError(f"{url}: bucket '{bucket}' does not exist. Create it first "
+                           "(e.g. `aws s3 mb s3://BUCKET`) or fix the URL.") from None
+    if headers.get("x-amz-bucket-region"):
+        return headers["x-amz-bucket-region"]
+    import boto3
+
+    return os.environ.get("AWS_REGION") or boto3.session.Session().region_name or "us-east-1"

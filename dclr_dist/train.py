@@ -8,9 +8,10 @@ The driver validates the whole config and checks that the shards are readable be
 starts a single worker. Each worker builds the model, the loss (queues fed by every
 worker's keys), a DeepSpeed engine (gloo on CPU, nccl on GPU, as Ray Train sets up the
 process group) and its shard of the data stream, then trains epoch by epoch. Every
-``checkpoint_every`` epochs each rank saves its DeepSpeed shard into one Ray checkpoint
-under ``storage_path/name``; a restarted worker group (``max_failures``) or a re-submitted
-run of the same name resumes from the newest one.
+``checkpoint_every`` epochs or ``checkpoint_minutes`` each rank saves its DeepSpeed shard
+into one Ray checkpoint under ``storage_path/name``, uploaded while training goes on; a
+restarted worker group (``max_failures``) or a re-submitted run of the same name resumes
+from the newest one, loading tensors and plain data only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import io
 import json
 import math
 import os
+import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -57,12 +60,20 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     return f
 
 
+# Gradients are reduced in buckets of this many elements (20 MB of fp32): R(2+1)D-18's 31M
+# make 7, so the first is on the wire while backward computes the rest. DeepSpeed's default
+# (5e8) is one bucket for this model, reduced only once backward has finished.
+BUCKET_ELEMENTS = 5_000_000
+
+
 def deepspeed_config(cfg: Config) -> dict:
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "zero_optimization": {"stage": t.zero_stage},
+        # overlap_comm and the bucket size act at stages 1-2 (stage 0's all-reduce is
+        # OverlappedAllReduce's); there overlap_comm defaults to off.
+        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": True, "reduce_bucket_size": BUCKET_ELEMENTS},
         # ZeRO with a torch.optim optimizer: no fused-Adam extension to compile on CPU nodes.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": t.grad_clip,
@@ -70,32 +81,146 @@ def deepspeed_config(cfg: Config) -> dict:
     }
     if t.precision == "bf16":
         # Autocast keeps fp32 master weights and BN statistics; only the matmuls/convs run in bf16.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # No lower-precision-safe modules: by default DeepSpeed marks Linear and Conv parameters
+        # for bf16 gradient reduction under autocast (ZeRO 1-2), summing 32 ranks' gradients in
+        # bf16; without marks they are reduced in their own dtype, fp32.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return ds
 
 
+class OverlappedAllReduce:
+    """ZeRO stage 0's gradient all-reduce, each bucket as soon as backward has produced it.
+
+    DeepSpeed (0.19) at stage 0 all-reduces every gradient after backward has finished
+    (engine.allreduce_gradients), so the whole transfer adds to the step; overlap_comm
+    exists for ZeRO 1-2 only. This does what DDP does instead: buckets of ``bucket`` elements
+    in reverse parameter order (about the order backward produces gradients), each summed
+    asynchronously in the gradients' dtype (fp32: the parameters' dtype, autocast or not)
+    once its last gradient is accumulated, and all of them awaited and averaged when
+    backward ends, before engine.step(); at accumulation boundaries only, as DeepSpeed.
+    Nothing waits on the host: on NCCL, wait() orders the streams.
+    """
+
+    def __init__(self, engine, bucket: int):
+        import torch.distributed as dist
+
+        self.engine, self.dist = engine, dist
+        params = [p for p in engine.module.parameters() if p.requires_grad][::-1]
+        self.buckets: list[list[torch.nn.Parameter]] = [[]]
+        size = 0
+        for p in params:
+            if size >= bucket:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel()
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self.waiting = [len(b) for b in self.buckets]  # gradients each bucket still waits for
+        self.in_flight: list[tuple[int, torch.Tensor, object]] = []
+        self.in_backward = False
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._accumulated)
+        engine.enable_backward_allreduce = False
+
+    def _accumulated(self, p: torch.nn.Parameter) -> None:
+        if not self.engine.is_gradient_accumulation_boundary():
+            return
+        if not self.in_backward:
+            self.in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        i = self.bucket_of[p]
+        self.waiting[i] -= 1
+        if not self.waiting[i]:
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        for p in self.buckets[i]:
+            if p.grad is None:  # no gradient this step: zeros, so every rank reduces the same buckets
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[i]])
+        self.in_flight.append((i, flat, self.dist.all_reduce(flat, async_op=True)))
+        self.waiting[i] = 0
+
+    def _finish(self) -> None:
+        for i, left in enumerate(self.waiting):
+            if left:
+                self._launch(i)
+        world = self.dist.get_world_size()
+        for i, flat, work in self.in_flight:
+            work.wait()
+            flat /= world
+            for p, g in zip(self.buckets[i], flat.split([p.numel() for p in self.buckets[i]])):
+                p.grad.copy_(g.view_as(p))
+        self.in_flight, self.in_backward = [], False
+        self.waiting = [len(b) for b in self.buckets]
+
+
 def build(cfg: Config, world_size: int, steps_per_epoch: int, device: torch.device):
-    """Model, loss and DeepSpeed engine for one worker."""
+    """Model, loss and DeepSpeed engine for one worker, with train's speed switches applied."""
     import deepspeed
 
     from dclr_dist.batchnorm import set_sync
     from dclr_dist.loss import DCLRLoss
     from dclr_dist.model import DCLR
 
+    t = cfg.train
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark
     model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch).to(device)
+    model.memory_format = torch.channels_last_3d if t.channels_last else torch.contiguous_format
     set_sync(model, bn_group(cfg.model.bn_sync))
+    if t.compile:
+        model.compile_backbones()
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss)).to(device)
-    global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
-    lr = cfg.train.lr * global_batch / cfg.train.ref_batch
+    lr = base_lr(cfg, world_size)
     params = [p for p in model.parameters() if p.requires_grad]  # the key encoder moves by momentum only
-    if cfg.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), dist_init_required=False)
+    if t.zero_stage == 0:
+        OverlappedAllReduce(engine, BUCKET_ELEMENTS)  # lives on in the parameters' hooks
     return engine, criterion
+
+
+def base_lr(cfg: Config, world_size: int) -> float:
+    """train.lr scaled linearly from train.ref_batch samples to the global batch."""
+    return cfg.train.lr * cfg.data.batch_size * world_size * cfg.train.grad_accum / cfg.train.ref_batch
+
+
+def resume_refusal(saved_workers: int, saved_stage: int, workers: int, stage: int) -> str | None:
+    """Why a checkpoint of ``saved_workers`` ranks at ZeRO ``saved_stage`` cannot resume on
+    ``workers`` ranks at ``stage`` (a phrase after "the checkpoint ..."), or None.
+
+    Stage 0 checkpoints hold the whole optimizer state and load at any world size. Stages
+    1-2 hold one shard per rank, which DeepSpeed re-partitions only through an offline
+    conversion to its universal format; one stage's state does not load into another's.
+    """
+    if saved_stage != stage:
+        return (f"was written with train.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
+                f"optimizer state does not load into another's. Set train.zero_stage={saved_stage} to resume it")
+    if saved_workers != workers and stage:
+        return (f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: ZeRO-{stage} "
+                f"optimizer shards do not re-partition (stage 0 runs resume at any train.workers). Set "
+                f"train.workers={saved_workers} to resume it")
+    return None
+
+
+def seek_schedule(engine, cfg: Config, world_size: int, step: int) -> None:
+    """Put the loaded lr scheduler at optimizer step ``step`` of this run.
+
+    A checkpoint's scheduler counted steps and scaled the lr for the world size that wrote
+    it; resumed at another, steps per epoch and the global batch differ. The schedule is a
+    function of the step (lr_lambda), so it is set anew from this run's.
+    """
+    scheduler = engine.lr_scheduler
+    lr = base_lr(cfg, world_size)
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    scheduler.last_epoch = step
+    for group, f in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * f(step)
 
 
 def bn_group(sync: str):
@@ -125,14 +250,18 @@ class MetricsLog:
     """Rank 0's metrics: JSON lines and TensorBoard events under ``<run>/metrics``.
 
     Written locally; for an s3:// run they are written to a local folder and copied to the
-    run's prefix at every epoch end, so a killed node loses at most one epoch of curves.
+    run's prefix at every epoch end, so a killed node loses at most one epoch of curves. That
+    folder is a fresh private one (mkdtemp): a predictable name in the shared temp dir would
+    follow a symlink planted there and merge an earlier run's leftovers.
     """
 
     def __init__(self, run_url: str):
         self.run_url = run_url
-        local = storage.local_path(storage.join(run_url, "metrics")) if not storage.is_s3(run_url) else \
-            Path(tempfile.gettempdir()) / "dclr-metrics" / run_url.replace("s3://", "").replace("/", "_")
-        local.mkdir(parents=True, exist_ok=True)
+        if storage.is_s3(run_url):
+            local = Path(tempfile.mkdtemp(prefix="dclr-metrics-"))
+        else:
+            local = storage.local_path(storage.join(run_url, "metrics"))
+            local.mkdir(parents=True, exist_ok=True)
         self.dir = local
         remote = storage.join(run_url, "metrics/metrics.jsonl")
         if storage.is_s3(run_url) and storage.exists(remote):
@@ -160,6 +289,8 @@ class MetricsLog:
         self.sync()
         self.tb.close()
         self.jsonl.close()
+        if storage.is_s3(self.run_url):
+            shutil.rmtree(self.dir)
 
 
 def _reduce(values: dict[str, float], device: torch.device, op: str = "mean") -> dict[str, float]:
@@ -204,6 +335,45 @@ def export_backbone(engine) -> bytes:
     return buf.getvalue()
 
 
+def _checkpoint_classes() -> list:
+    """What a DeepSpeed ZeRO 0-2 checkpoint pickles besides tensors and plain data: inert
+    records (the loss scaler's settings, an enum, a dataclass of two ints), no callable."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint(engine, folder: str, where: str) -> dict:
+    """``engine.load_checkpoint`` unpickling tensors and plain data only; returns the client state.
+
+    DeepSpeed calls torch.load(weights_only=False), so a checkpoint could run code on every
+    worker, planted by anyone who can write the run's storage. TORCH_FORCE_WEIGHTS_ONLY_LOAD
+    overrides that argument in every torch.load the call makes.
+    """
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_checkpoint_classes()):
+            _, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        what = next((line.split("GLOBAL ", 1)[1].split()[0] for line in lines if "GLOBAL " in line), None)
+        reason = f"it unpickles {what}" if what else next(
+            (line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
+        raise RuntimeError(
+            f"{where}: refusing to resume: the checkpoint holds more than tensors and plain data ({reason}), "
+            "so loading it could run code planted in it. Check who can write the run's storage; choose a new "
+            "train.name to start afresh.") from None
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+    return client
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry point: one rank of the pretraining job."""
     import ray.train
@@ -232,14 +402,13 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             meta = json.loads((Path(d) / "meta.json").read_text())
-            if meta["world_size"] != world:
-                raise RuntimeError(
-                    f"the checkpoint in {run_url} was written by {meta['world_size']} workers and this run has "
-                    f"{world}: ZeRO shards do not re-partition. Set train.workers={meta['world_size']}, or "
-                    "choose a new train.name to start afresh.")
-            _, client = engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+            why = resume_refusal(meta["world_size"], meta["config"]["train"]["zero_stage"], world, cfg.train.zero_stage)
+            if why:
+                raise RuntimeError(f"the checkpoint in {run_url} {why}, or choose a new train.name to start afresh.")
+            client = load_checkpoint(engine, d, storage.join(run_url, Path(checkpoint.path).name))
             criterion.load_state_dict(client["criterion"])
             start_epoch = client["epoch"] + 1
+            seek_schedule(engine, cfg, world, start_epoch * steps_per_epoch)
             # A run resumed with another eval.every ranks afresh, as does one checkpointed before
             # best/ was ranked by k-NN (its "best" is a bare loss).
             if isinstance(client["best"], dict) and client["best"]["metric"] == ranking:
@@ -256,17 +425,19 @@ def train_loop(loop_config: dict) -> None:
         print(f"resumed {run_url} after epoch {start_epoch}", flush=True)
     nodes = _count_nodes()
     step = start_epoch * steps_per_epoch
+    last_checkpoint = time.monotonic()
+    # One loader for the run: its workers stream on across epoch boundaries (no fork, no refill).
+    it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=start_epoch,
+                                epochs=cfg.train.epochs - start_epoch))
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
         criterion.train()
-        loader = data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=epoch)
         # Summed on the device: a float() per step would make the host wait for the GPU every step.
         sums: dict[str, torch.Tensor] = {}
         skipped, skipped_shards, samples, wait = 0, 0, 0, 0.0
         t_epoch = time.perf_counter()
         t_mark = time.perf_counter()
         window = {"wait": 0.0, "samples": 0}
-        it = iter(loader)
         for _ in range(batches):
             t0 = time.perf_counter()
             batch = next(it)
@@ -306,13 +477,18 @@ def train_loop(loop_config: dict) -> None:
             wait += t1 - t0
         elapsed = time.perf_counter() - t_epoch
         epoch_metrics = _reduce({k: float(v) / batches for k, v in sums.items()}, device)
+        # Rank 0's clock decides a checkpoint by time for every rank, carried by this sum: clocks
+        # and epoch ends differ between ranks, and ranks that disagree would hang in report.
+        due = rank == 0 and cfg.train.checkpoint_minutes is not None and \
+            time.monotonic() - last_checkpoint >= 60 * cfg.train.checkpoint_minutes
         totals = _reduce({"skipped": float(skipped), "skipped_shards": float(skipped_shards), "samples": float(samples),
-                          "wait": wait}, device, op="sum")
+                          "wait": wait, "checkpoint_due": float(due)}, device, op="sum")
         epoch_metrics.update({
             "epoch": epoch + 1, "step": step, "skipped_samples": int(totals["skipped"]),
             "skipped_shards": int(totals["skipped_shards"]),
             "samples_per_s": totals["samples"] / elapsed, "samples_per_s_worker": samples / elapsed,
             "data_wait": totals["wait"] / world / elapsed, "lr": engine.get_lr()[0], "world_size": world,
+            "zero_stage": cfg.train.zero_stage,
             "nodes": nodes, "queue_filled": int(criterion.queue_filled),
         })
         last = epoch + 1 == cfg.train.epochs
@@ -332,10 +508,14 @@ def train_loop(loop_config: dict) -> None:
         if log is not None:
             log.write("epoch", epoch + 1, epoch_metrics)
             log.sync()
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+        every = cfg.train.checkpoint_every
+        if last or (every and (epoch + 1) % every == 0) or totals["checkpoint_due"]:
             _report_with_checkpoint(engine, criterion, cfg, epoch, best, world, rank, run_url, epoch_metrics)
+            last_checkpoint = time.monotonic()
         else:
-            ray.train.report(epoch_metrics)
+            # In the background too: reports are delivered in order, so a synchronous one would
+            # wait for the previous checkpoint's upload.
+            ray.train.report(epoch_metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
     if log is not None:
         log.close()
 
@@ -350,16 +530,21 @@ def _report_with_checkpoint(engine, criterion, cfg: Config, epoch: int, best: di
                             run_url: str, metrics: dict) -> None:
     import ray.train
 
-    with tempfile.TemporaryDirectory() as d:
+    # Uploaded in the background while training goes on, so the folder outlives this call;
+    # Ray deletes it once uploaded. latest.json follows from Train's controller (_latest_json).
+    d = tempfile.mkdtemp(prefix=f"dclr-checkpoint-{cfg.train.name}-")
+    try:
         engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={
             "epoch": epoch, "best": best, "criterion": criterion.state_dict(), "metrics": metrics})
         if rank == 0:
             (Path(d) / "backbone.pt").write_bytes(export_backbone(engine))
             (Path(d) / "meta.json").write_text(json.dumps(_checkpoint_meta(cfg, world, epoch)))
-            # The run's newest state, readable by the driver before it starts workers.
-            storage.write_bytes(storage.join(run_url, "latest.json"), json.dumps({
-                "world_size": world, "epoch": epoch + 1, "metrics": metrics}).encode())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
 
 
 def _save_best(engine, cfg: Config, world: int, epoch: int, run_url: str, metrics: dict) -> None:
@@ -376,23 +561,27 @@ def _save_best(engine, cfg: Config, world: int, epoch: int, run_url: str, metric
 # --------------------------------------------------------------------------- driver side
 
 def ray_storage(path: str):
-    """(storage_path, filesystem) for RunConfig: S3 through pyarrow with AWS_ENDPOINT_URL honoured."""
+    """(storage_path, filesystem) for RunConfig: S3 through pyarrow with AWS_ENDPOINT_URL honoured
+    and the bucket's region (pyarrow does not follow region redirects: a wrong one would fail
+    only at the first checkpoint). The filesystem pickles no credentials: each node uses its own."""
     if not storage.is_s3(path):
         return str(Path(path).resolve()), None
     import pyarrow.fs
 
     bucket, key = storage.split_s3(path)
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=storage.bucket_region(path),
                                  scheme="http" if endpoint and endpoint.startswith("http://") else "https")
     return f"{bucket}/{key}".rstrip("/"), fs
 
 
-# The standard AWS variables the driver sees reach the workers too, so shards and
-# checkpoints resolve the same way on every node (nodes with their own instance roles
-# need none of them).
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_PROFILE",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# The driver's S3 settings reach the workers, so shards and checkpoints resolve the same
+# way on every node. Never a credential: a runtime_env is stored in the job table and Train's
+# run state and written to runtime_env_agent.log, readable by anyone with the dashboard or a
+# shell on a node. Nodes take credentials from their own chain (instance role, IRSA, a
+# profile, the environment their raylet was started with; a local cluster started by the
+# driver inherits the driver's).
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_PROFILE")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -440,6 +629,26 @@ def ensure_demo_shards(cfg: Config) -> None:
         pack(str(manifest), str(root / split), cfg.shard, split=split, workers=os.cpu_count() or 1)
 
 
+def _latest_json(run_url: str):
+    """A Ray Train callback that writes ``<run>/latest.json``, the run's newest checkpoint as
+    the driver reads it before starting workers (world size, epoch, metrics).
+
+    It runs in Train's controller once every rank's part of a checkpoint is uploaded and Ray
+    has recorded it, so latest.json never names a checkpoint a restart would not resume
+    from; rank 0 could not know that, with uploads in the background on every rank.
+    """
+    from ray.train import UserCallback
+
+    class LatestJson(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if checkpoint is not None:
+                m = metrics[0]
+                storage.write_bytes(storage.join(run_url, "latest.json"), json.dumps(
+                    {"world_size": m["world_size"], "epoch": m["epoch"], "metrics": m}).encode())
+
+    return LatestJson()
+
+
 def make_paths_absolute(cfg: Config) -> None:
     """Workers (and Tune trials) run in other working directories: ship absolute local paths."""
     def absolute(url: str) -> str:
@@ -466,22 +675,27 @@ def fit(cfg: Config, callbacks: list | None = None):
     if not cfg.data.train:
         raise data.DataError("data.train is empty: set it to the shards to train on (an index.json, a folder "
                              "or s3:// prefix packed by `python -m dclr_dist.shard`, or .tar URLs)")
-    data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), cfg.train.workers)
+    shards = data.resolve_shards(cfg.data.train)
+    data.check_shards(shards, "data.train")
+    data.batches_per_epoch(cfg.data, shards, cfg.train.workers)
     if cfg.eval.every:
         if not cfg.data.eval:
             raise data.DataError(f"eval.every is {cfg.eval.every} and data.eval is empty: set data.eval to "
                                  "labelled validation shards for the k-NN monitor, or eval.every=0")
-        data.resolve_shards(cfg.data.eval)
+        data.check_shards(data.resolve_shards(cfg.data.eval), "data.eval")
     storage_path, fs = ray_storage(cfg.train.storage_path)
     run_url = storage.join(cfg.train.storage_path, cfg.train.name)
     latest_url = storage.join(run_url, "latest.json")
     if storage.exists(latest_url):
         latest = json.loads(storage.read_bytes(latest_url))
-        if latest["world_size"] != cfg.train.workers:
-            raise ValueError(f"{run_url} was checkpointed by {latest['world_size']} workers (epoch "
-                             f"{latest['epoch']}) and train.workers is {cfg.train.workers}: ZeRO shards do not "
-                             f"re-partition. Set train.workers={latest['world_size']} to resume it, or choose a "
-                             "new train.name to start afresh.")
+        # Runs checkpointed before the stage was recorded are judged by the workers, from the
+        # checkpoint's own config.
+        saved_stage = latest["metrics"].get("zero_stage")
+        why = saved_stage is not None and resume_refusal(latest["world_size"], saved_stage, cfg.train.workers,
+                                                         cfg.train.zero_stage)
+        if why:
+            raise ValueError(f"{run_url}: the checkpoint of epoch {latest['epoch']} {why}, or choose a new "
+                             "train.name to start afresh.")
         print(f"resuming {run_url} from epoch {latest['epoch']}", flush=True)
     connect_ray()
     use_gpu = cfg.train.gpus_per_worker > 0
@@ -494,7 +708,8 @@ def fit(cfg: Config, callbacks: list | None = None):
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.train.name, callbacks=callbacks, storage_path=storage_path, storage_filesystem=fs,
+            name=cfg.train.name, callbacks=[*(callbacks or []), _latest_json(run_url)], storage_path=storage_path,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": forwarded_env()},
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
@@ -510,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                     "workers on a local Ray cluster.",
         epilog="Ray: RAY_ADDRESS selects the cluster (`ray job submit` sets it); without it a local cluster "
                "starts. Object storage: s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-               "AWS_SECRET_ACCESS_KEY / AWS_PROFILE. Re-running with the same train.name resumes the run.",
+               "AWS_SECRET_ACCESS_KEY / AWS_PROFILE; the workers get the endpoint, region and profile name, "
+               "never credentials (they use their node's). Re-running with the same train.name resumes the run.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml", help=f"config file (default: {DEMO_CONFIG.relative_to(REPO)})")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ def shards(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_endpoint):
+    # Started with the S3 settings and credentials in its environment, as a node with its own
+    # credential chain: the driver forwards settings, never credentials.
     with local_ray("/tmp/rt-train"):
         yield
 
@@ -80,9 +83,61 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
     assert longer.metrics["epoch"] == 4 and longer.metrics["step"] == 8
     assert [r["epoch"] for r in _metrics(run) if r["kind"] == "epoch"] == [1, 2, 3, 4]
 
-    # a different world size cannot load ZeRO shards: a clear error before any worker starts
-    with pytest.raises(ValueError, match="checkpointed by 2 workers .* Set train.workers=2"):
-        fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=5", "train.workers=1"))
+    # ZeRO stage 0 (the default) checkpoints hold the whole optimizer state: the run resumes on
+    # 1 worker, from epoch 4 with its weights. An lr of ~0 keeps them through epoch 5, so its
+    # checkpoint shows what was loaded; one epoch at the normal lr moved them (epoch 3 to 4).
+    epoch4 = torch.load(Path(longer.checkpoint.path) / "backbone.pt", weights_only=True)
+    one = fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=5", "train.workers=1", "train.lr=1e-9"))
+    assert one.error is None
+    # 4 steps per epoch on 1 worker, counted from epoch 4; the lr scaled to 1 worker's batch of 4
+    assert (one.metrics["epoch"], one.metrics["world_size"], one.metrics["step"]) == (5, 1, 4 * 4 + 4)
+    assert one.metrics["lr"] == pytest.approx(1e-9 * 4 / 8)
+    assert [r["epoch"] for r in _metrics(run) if r["kind"] == "resume"][-1] == 4
+    epoch5 = torch.load(Path(one.checkpoint.path) / "backbone.pt", weights_only=True)
+    weights = [k for k in epoch4 if "running" not in k and "num_batches" not in k]  # BN statistics still move
+    assert max(float((epoch4[k] - backbone[k]).abs().max()) for k in weights) > 1e-3
+    for k in weights:
+        torch.testing.assert_close(epoch5[k], epoch4[k], rtol=0, atol=1e-6)
+
+    # another ZeRO stage cannot load the checkpoint: a clear error before any worker starts
+    with pytest.raises(ValueError, match=r"written with train.zero_stage=0 and this run has 1: .* "
+                                         r"Set train.zero_stage=0 to resume it, or choose a new train.name"):
+        fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=6", "train.workers=1", "train.zero_stage=1"))
+
+
+def test_zero_shards_refuse_another_worker_count_before_any_worker_starts(shards, tmp_path):
+    from dclr_dist.train import fit
+
+    run = tmp_path / "runs" / "sharded"
+    run.mkdir(parents=True)
+    (run / "latest.json").write_text(json.dumps({"world_size": 2, "epoch": 1, "metrics": {"zero_stage": 2}}))
+    with pytest.raises(ValueError, match=r"written by 2 workers at ZeRO stage 2 and this run has 1: ZeRO-2 optimizer "
+                                         r"shards do not re-partition .* Set train.workers=2 to resume it"):
+        fit(_cfg(shards, tmp_path, "train.name=sharded", "train.workers=1", "train.zero_stage=2"))
+
+
+def test_checkpoints_by_time_upload_in_the_background_and_leave_no_staging(ray_local, shards, tmp_path):
+    import ray
+
+    from dclr_dist.train import fit
+
+    def checkpointed(run: Path) -> list[int]:
+        return sorted(json.loads((p / "meta.json").read_text())["epoch"] for p in run.glob("checkpoint_*") if p.is_dir())
+
+    run = tmp_path / "runs" / "minutes"
+    # Not by epochs; a due time of 6 ms: every epoch end is past it.
+    fit(_cfg(shards, tmp_path, "train.name=minutes", "train.checkpoint_every=0", "train.checkpoint_minutes=0.0001",
+             "train.keep_checkpoints=3"))
+    assert checkpointed(run) == [1, 2, 3]
+    assert json.loads((run / "latest.json").read_text())["epoch"] == 3
+    # An hour apart: only the last epoch (5) is checkpointed after the resume, not 4.
+    result = fit(_cfg(shards, tmp_path, "train.name=minutes", "train.epochs=5", "train.checkpoint_every=0",
+                      "train.checkpoint_minutes=60", "train.keep_checkpoints=3"))
+    assert result.metrics["epoch"] == 5 and checkpointed(run) == [2, 3, 5]
+    assert json.loads((run / "latest.json").read_text())["epoch"] == 5
+    # The workers staged each checkpoint in a folder of their temp dir that Ray removed once uploaded.
+    worker_tmp = ray.get(ray.remote(num_cpus=0)(tempfile.gettempdir).remote())
+    assert not list(Path(worker_tmp).glob("dclr-checkpoint-minutes-*"))
 
 
 def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, shards, bucket):

@@ -1,0 +1,52 @@
+"""Checkpoint settings and the S3 filesystem Ray writes checkpoints with (moto's S3 server).
+
+The checkpoints themselves (by time, uploaded in the background, resumed) are exercised by
+tests/test_train.py on a real Ray cluster.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from dclr_dist import storage
+from dclr_dist.config import ConfigError, load_config
+
+
+def test_ray_storage_signs_for_the_buckets_region_not_the_configured_one(s3_endpoint, monkeypatch):
+    import boto3
+
+    from dclr_dist.train import ray_storage
+
+    # boto3 follows S3's region redirects and pyarrow does not: a bucket outside the
+    # configured region (here AWS_REGION, and AWS_DEFAULT_REGION=us-east-1 from the fixture)
+    # used to pass every check and fail at the first checkpoint.
+    name = f"eu-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    path, fs = ray_storage(f"s3://{name}/runs")
+    assert (path, fs.region) == (f"{name}/runs", "eu-west-3")
+    with fs.open_output_stream(f"{path}/probe.txt") as f:
+        f.write(b"written by pyarrow")
+    assert storage.read_bytes(f"s3://{name}/runs/probe.txt") == b"written by pyarrow"
+
+
+def test_ray_storage_of_a_missing_bucket_is_a_one_line_error(s3_endpoint):
+    from dclr_dist.train import ray_storage
+
+    with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket-x/runs: bucket 'no-such-bucket-x' does "
+                                                   r"not exist\. Create it first"):
+        ray_storage("s3://no-such-bucket-x/runs")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_minutes=0", "train.checkpoint_minutes must be > 0 or null, got 0.0"),
+    ("train.checkpoint_minutes=-5", "train.checkpoint_minutes must be > 0 or null, got -5.0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every must be >= 0 (0: not by epochs), got -1"),
+])
+def test_checkpoint_interval_settings_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+    cfg = load_config(None, ["train.checkpoint_every=0", "train.checkpoint_minutes=30"]).train
+    assert (cfg.checkpoint_every, cfg.checkpoint_minutes) == (0, 30.0)
