@@ -60,9 +60,10 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     return f
 
 
-# Gradients are reduced in buckets of this many elements (20 MB of fp32): R(2+1)D-18's 31M
-# make 7, so the first is on the wire while backward computes the rest. DeepSpeed's default
-# (5e8) is one bucket for this model, reduced only once backward has finished.
+# Gradients are reduced in buckets of at least this many elements (20 MB of fp32): the 33M
+# trainable parameters of R(2+1)D-18 and the heads make 6, so the first is on the wire while
+# backward computes the rest. DeepSpeed's default (5e8) would be one bucket, reduced only
+# once backward has finished.
 BUCKET_ELEMENTS = 5_000_000
 
 
@@ -202,9 +203,9 @@ def resume_refusal(saved_workers: int, saved_stage: int, workers: int, stage: in
         return (f"was written with train.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
                 f"optimizer state does not load into another's. Set train.zero_stage={saved_stage} to resume it")
     if saved_workers != workers and stage:
-        return (f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: ZeRO-{stage} "
-                f"optimizer shards do not re-partition (stage 0 runs resume at any train.workers). Set "
-                f"train.workers={saved_workers} to resume it")
+        return (f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: "
+                f"ZeRO-{stage} optimizer shards do not re-partition (stage 0 runs resume at any train.workers). "
+                f"Set train.workers={saved_workers} to resume it")
     return None
 
 
@@ -742,13 +743,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if demo:
         ensure_demo_shards(cfg)
+    from ray.train import TrainingFailedError
+
     try:
         result = fit(cfg)
     except (FileNotFoundError, storage.StorageError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    except TrainingFailedError as e:
+        # Raised when the restarts of train.max_failures are spent; the workers' tracebacks are
+        # already on the console and in the run's logs, so one line says what ended it.
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(f"error: training failed: {first}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     print(f"done: {m.get('epoch')} epochs, {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}; "
