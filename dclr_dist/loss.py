@@ -165,8 +165,13 @@ class DCLRLoss(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards, for topk_warmup
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # fp32 whatever the model's dtype: bf16 cosines divided by tau = 0.07 are off by up to ~0.03.
-        q, k, p = (F.normalize(fp32_or_wider(out[n]), dim=-1) for n in ("q", "k", "p"))  # (B, 5, D) (B, 5, D) (B, 2, D)
+        # fp32 whatever the model's dtype and whichever autocast region the caller is in: bf16
+        # cosines divided by tau = 0.07 are off by up to ~0.03.
+        with torch.autocast(out["q"].device.type, enabled=False):
+            return self._forward({n: fp32_or_wider(x) for n, x in out.items()})
+
+    def _forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q, k, p = (F.normalize(out[n], dim=-1) for n in ("q", "k", "p"))  # (B, 5, D) (B, 5, D) (B, 2, D)
         B = q.shape[0]
         if self.in_batch != k.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"in_batch={self.in_batch} but the keys {'lack' if self.in_batch else 'carry'} "
@@ -204,7 +209,7 @@ class DCLRLoss(nn.Module):
                 logits = torch.cat([l_pos, q[:, a] @ bank[:, b].T], 1)  # (B, 1 + K)
                 pos = torch.cat([torch.ones_like(l_pos, dtype=torch.bool), nbr], 1)
             terms[name] = info_nce(logits, pos, self.tau)
-        terms["align"] = F.mse_loss(out["A_v"], (out["A_s"] + out["A_d"]) / 2)  # maps are fp32 already
+        terms["align"] = F.mse_loss(out["A_v"], (out["A_s"] + out["A_d"]) / 2)
 
         if self.training:
             self.steps.add_(1)

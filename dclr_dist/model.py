@@ -190,6 +190,11 @@ class DCLR(nn.Module):
         self.bn_groups = 1 if in_batch else bn_groups
         self.in_batch = in_batch
         self._inverse: dict[tuple, torch.Tensor] = {}  # cached output orders of _features
+        # Layout of the backbones' input batches (the trainer's train.channels_last). With
+        # torch.channels_last_3d (NDHWC, what cuDNN's tensor-core kernels work in) every
+        # convolution, and so every activation, follows the input; the parameters keep theirs
+        # (DeepSpeed broadcasts them as bytes and ZeRO 1-2 flatten them: they must stay NCDHW).
+        self.memory_format = torch.contiguous_format
         self.encoder_q = Encoder(arch, width, dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
@@ -240,9 +245,23 @@ class DCLR(nn.Module):
             position = torch.empty(len(xs) * B, dtype=torch.long)
             position[torch.cat([torch.arange(B)[sl] + i * B for i, sl in pieces])] = torch.arange(len(xs) * B)
             self._inverse[key] = position.to(xs[0].device)
+        x = torch.cat([xs[i][sl] for i, sl in pieces]).contiguous(memory_format=self.memory_format)
         with batchnorm.layout(f, segments, rgb):
-            y = f(torch.cat([xs[i][sl] for i, sl in pieces]))  # (len(xs) * B, C, T', H', W')
+            y = f(x)  # (len(xs) * B, C, T', H', W')
         return list(y.index_select(0, self._inverse[key]).chunk(len(xs)))
+
+    def compile_backbones(self, **options) -> None:
+        """torch.compile both encoders' backbones in place (``options``: torch.compile's).
+
+        In place (Module.compile), so the state_dict keys stay the plain modules' (no
+        ``_orig_mod.`` prefix): checkpoints, best/ and exported backbones are unchanged. One
+        graph per backbone: compiling its stages one by one would give every stage's
+        parameter gradients as soon as that stage's backward ends, but all modules share
+        nn.Module's call code, whose 8 compiled versions (torch._dynamo recompile_limit)
+        run out and leave most stages uncompiled.
+        """
+        for encoder in (self.encoder_q, self.encoder_k):
+            encoder.f.compile(**options)
 
     @torch.no_grad()
     def momentum_update(self) -> None:

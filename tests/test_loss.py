@@ -215,3 +215,24 @@ def test_a_training_step_never_makes_the_host_wait(in_batch):
         model.momentum_update()
     ops = {e.key: e.count for e in prof.key_averages()}
     assert ops.get("aten::_local_scalar_dense", 0) == 0 and ops.get("aten::nonzero", 0) == 0
+
+
+def test_loss_computes_in_fp32_inside_a_bf16_autocast_region():
+    # Whoever wraps the step in autocast (or moves the loss into the engine's region) must
+    # not get bf16 cosines: the loss disables autocast itself. The reference is the fp32
+    # computation from the same bf16-rounded embeddings.
+    g = torch.Generator().manual_seed(0)
+    B, D, K = 8, 32, 64
+    out = {"q": torch.randn(B, 5, D, generator=g), "k": torch.randn(B, 5, D, generator=g),
+           "p": torch.randn(B, 2, D, generator=g), "A_v": torch.rand(B, 2, 4, 4, generator=g) + 0.5,
+           "A_s": torch.rand(B, 2, 4, 4, generator=g) + 0.5, "A_d": torch.rand(B, 2, 4, 4, generator=g) + 0.5}
+    bf16 = {n: x.bfloat16() for n, x in out.items()}
+    criterion = DCLRLoss(dim=D, queue_size=K, topk=2)
+    criterion._enqueue(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1))
+    criterion.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = criterion(bf16)
+    reference = criterion({n: x.float() for n, x in bf16.items()})
+    assert all(t.dtype == torch.float32 for t in mixed.values())
+    for name, t in reference.items():
+        torch.testing.assert_close(mixed[name], t, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
