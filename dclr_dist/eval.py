@@ -40,7 +40,13 @@ Protocols (Ding, Qian, Xiong, arXiv 2207.05340, evaluation section; docs/design.
 
 Features. Each video gives ``data.eval_clips`` uniformly spaced clips (paper: 10), centre
 cropped (``dclr_dist.data.eval_loader``); the backbone's final feature maps are averaged
-over positions (GAP) and over the clips, then L2-normalised: (V, C) for V videos.
+over positions (GAP) and over the clips, then L2-normalised: (V, C) for V videos, in key
+order. They are extracted in this process (``eval.workers: 0``, on its GPU if it has one:
+no start-up cost, right for small splits) or in ``eval.workers`` Ray tasks on the cluster,
+each reading its part of the shards on a GPU of its own (``eval.gpus_per_worker``): what
+Kinetics-400's 240k train videos need. Videos that cannot be read are skipped with a
+warning and counted in the report. k-NN and retrieval compare ``eval.chunk`` queries at a
+time with the gallery (top-k, never a full sort), on the GPU where there is one.
 
 Checkpoint. ``--checkpoint`` is a folder written by ``python -m dclr_dist.train``
 (``backbone.pt`` + ``meta.json``): a Ray checkpoint, a run's ``best/``, or the run folder
@@ -154,6 +160,10 @@ class Features:
     label: torch.Tensor    # (V,) int64
     keys: list[str]
     meta: list[dict]       # each record's meta (e.g. {"scene": "scene003"}), {} where none
+    # Damage the reader skipped (each sample and shard named in a warning): the protocols
+    # score the V videos read, so a report must say how many were not.
+    skipped_samples: int = 0
+    skipped_shards: int = 0
 
     @property
     def scenes(self) -> list[str] | None:
@@ -162,38 +172,42 @@ class Features:
         return scenes if all(s is not None for s in scenes) else None
 
 
-@torch.no_grad()
-def extract(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str], device: torch.device,
-            rank: int = 0, world_size: int = 1) -> Features:
-    """Features of every video in ``urls``; with several ranks each extracts its share and all get all."""
+def _progress(desc: str | None, **kwargs):
+    """A tqdm bar on stderr, shown on a terminal only (tqdm's rule); none at all when desc is None."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, disable=True if desc is None else None, dynamic_ncols=True, **kwargs)
+
+
+def _listed(urls: list[str]) -> int | None:
+    """The videos the index.json files behind ``urls`` list; None where a shard is listed bare."""
     from dclr_dist import data
 
-    was_training = f.training
-    f.eval()  # batch-norm running statistics: a video's feature must not depend on its batch
+    counts = [s.samples for s in data.resolve_shards(urls)]
+    return None if None in counts else sum(counts)
+
+
+@torch.no_grad()
+def _batch_features(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str],
+                    device: torch.device, rank: int, world_size: int):
+    """Per eval batch of ``rank``: (x (B, C) on the CPU, label (B,), keys, metas, skipped samples, skipped shards)."""
+    from dclr_dist import data
+
     dtype = next(f.parameters()).dtype
-    x, labels, keys, metas = [], [], [], []
-    loader = data.eval_loader(dataclasses.replace(data_cfg, eval=list(urls)), views_cfg, rank=rank,
-                              world_size=world_size)
-    for batch in loader:
+    for batch in data.eval_loader(dataclasses.replace(data_cfg, eval=list(urls)), views_cfg, rank=rank,
+                                  world_size=world_size):
+        skipped = int(batch["skipped_samples"]), int(batch["skipped_shards"])
         batch = data.to_device(batch, device, views_cfg)
         clips = batch["clips"]  # (B, N, 3, T, S, S)
         B, N = clips.shape[:2]
         h = gap(f(clips.flatten(0, 1).to(dtype))).float()  # (B * N, C)
-        x.append(F.normalize(h.view(B, N, -1).mean(1), dim=1).cpu())  # (B, C)
-        labels.append(batch["label"].cpu())
-        keys += batch["key"]
-        metas += batch["meta"]
-    f.train(was_training)
-    mine = (torch.cat(x) if x else torch.empty(0), torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-            keys, metas)
-    if world_size > 1:
-        import torch.distributed as dist
+        yield (F.normalize(h.view(B, N, -1).mean(1), dim=1).cpu(), batch["label"].cpu(), batch["key"],
+               batch["meta"], *skipped)
 
-        everyone: list = [None] * world_size
-        dist.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
-    parts = [p for p in everyone if p[2]]
+
+def _merge(parts: list[tuple], urls: list[str], listed: int | None) -> Features:
+    """One split's Features from the batches of every rank or worker, in key order."""
+    parts = [p for p in parts if p[2]]
     if not parts:
         raise EvalError(f"no video of {urls} could be read (damaged samples were skipped, each with a warning "
                         "naming it): evaluation needs shards packed by `python -m dclr_dist.shard`, whose "
@@ -201,8 +215,67 @@ def extract(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: li
     keys = [k for p in parts for k in p[2]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     metas = [m for p in parts for m in p[3]]
+    # The loader's counts travel with batches, so damage after a stream's last batch is not
+    # in them; the index.json sample counts (``listed``) are exact where every shard is there.
+    skipped = listed - len(keys) if listed is not None else sum(p[4] for p in parts)
     return Features(torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order],
-                    [keys[i] for i in order], [metas[i] for i in order])
+                    [keys[i] for i in order], [metas[i] for i in order], skipped, sum(p[5] for p in parts))
+
+
+def extract(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str], device: torch.device,
+            rank: int = 0, world_size: int = 1, progress: str | None = None) -> Features:
+    """Features of every video in ``urls``, in this process on ``device``; with several ranks (a
+    process group) each extracts its share and all get all. ``progress``: a progress bar's label."""
+    was_training = f.training
+    f.eval()  # batch-norm running statistics: a video's feature must not depend on its batch
+    parts, listed = [], _listed(urls)
+    with _progress(progress, total=listed, unit="video") as bar:
+        for part in _batch_features(f, data_cfg, views_cfg, urls, device, rank, world_size):
+            parts.append(part)
+            bar.update(len(part[2]))
+    f.train(was_training)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        everyone: list = [None] * world_size
+        dist.all_gather_object(everyone, parts)
+        parts = [p for mine in everyone for p in mine]
+    return _merge(parts, urls, listed)
+
+
+def _worker_features(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str], rank: int,
+                     world_size: int, use_gpu: bool):
+    """Ray task: the batches of part ``rank`` of ``world_size`` (a generator: each batch streams back)."""
+    device = torch.device("cuda" if use_gpu else "cpu")
+    yield from _batch_features(f.to(device).eval(), data_cfg, views_cfg, urls, device, rank, world_size)
+
+
+def extract_on_workers(f: nn.Module, cfg: Config, urls: list[str], progress: str | None = None) -> Features:
+    """``extract`` in ``eval.workers`` Ray tasks on the cluster (RAY_ADDRESS, or a local one), each
+    reading every ``eval.workers``-th part of the shards; the same Features as ``extract`` (up
+    to float rounding), whatever the worker count. ``f``: on the CPU, shipped to the workers."""
+    import ray
+
+    from dclr_dist.train import connect_ray
+
+    connect_ray()
+    task = ray.remote(_worker_features).options(num_cpus=cfg.eval.cpus_per_worker,
+                                                num_gpus=cfg.eval.gpus_per_worker)
+    model = ray.put(f)
+    streams = [task.remote(model, cfg.data, cfg.views, list(urls), rank, cfg.eval.workers,
+                           cfg.eval.gpus_per_worker > 0) for rank in range(cfg.eval.workers)]
+    parts, listed = [], _listed(urls)
+    with _progress(progress, total=listed, unit="video") as bar:
+        while streams:
+            [ready], _ = ray.wait(streams, num_returns=1)
+            try:
+                part = ray.get(next(ready))
+            except StopIteration:
+                streams.remove(ready)
+                continue
+            parts.append(part)
+            bar.update(len(part[2]))
+    return _merge(parts, urls, listed)
 
 
 # --------------------------------------------------------------------------- protocols on frozen features
@@ -245,19 +318,22 @@ def _accuracy(pred: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 3) -> tuple[float, dict]:
+def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 3,
+              progress: str | None = None) -> tuple[float, dict]:
     """The L2 penalty of L2_GRID with the best k-fold accuracy on (x, y), the train split; and each one's."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     held = [order[i::folds] for i in range(folds)]
     scores = {}
-    for l2 in L2_GRID:
-        correct = 0
-        for idx in held:
-            fit = torch.ones(len(y), dtype=torch.bool)
-            fit[idx] = False
-            predict = logistic_regression(x[fit], y[fit], num_classes, l2)
-            correct += int((predict(x[idx]) == y[idx]).sum())
-        scores[l2] = correct / len(y)
+    with _progress(progress, total=len(L2_GRID) * folds, unit="fit") as bar:
+        for l2 in L2_GRID:
+            correct = 0
+            for idx in held:
+                fit = torch.ones(len(y), dtype=torch.bool)
+                fit[idx] = False
+                predict = logistic_regression(x[fit], y[fit], num_classes, l2)
+                correct += int((predict(x[idx]) == y[idx]).sum())
+                bar.update()
+            scores[l2] = correct / len(y)
     return max(L2_GRID, key=lambda l2: (scores[l2], l2)), scores  # ties: the stronger penalty
 
 
@@ -266,35 +342,74 @@ def linear_probe(train: Features, test: Features, classes: list[str], l2: float)
     return {**_accuracy(predict(test.x), test.label, classes), "chance": 1 / len(classes), "l2": l2}
 
 
+def nearest(gallery_x: torch.Tensor, query_x: torch.Tensor, n: int, chunk: int = 512, leave_one_out: bool = False,
+            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n gallery videos nearest each query by cosine (L2-normalised features), on their device:
+    similarities and gallery indices, (Q, n), nearest first; equal similarities in gallery
+    order, as a stable sort of each row gives them (topk alone leaves that to the device).
+
+    Queries go ``chunk`` at a time against the whole gallery: memory about chunk x G x 5
+    bytes (x 20 in rows whose equal similarities straddle the n-th place), where sorting the
+    whole (Q, G) matrix takes Q x G x 12 (57 GB for Kinetics-400's 20k test against 240k
+    train videos). Results do not depend on the chunk beyond float rounding: BLAS may round
+    a similarity's last bit differently for a chunk of a few rows. leave_one_out: the
+    queries are the gallery, and none is its own neighbour.
+    """
+    n = min(n, gallery_x.shape[0] - leave_one_out)
+    sims, idxs = [], []
+    for start in _progress(progress, iterable=range(0, query_x.shape[0], chunk), unit="chunk"):
+        sim = query_x[start:start + chunk] @ gallery_x.T  # (c, G)
+        if leave_one_out:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + start] = -math.inf
+        top, idx = sim.topk(n, dim=1)
+        # topk picks any of several equal similarities: where equals straddle the n-th place,
+        # take the lowest indices (rare with real features, so those rows alone are sorted)...
+        tied = (sim >= top[:, -1:]).sum(1) > n
+        if tied.any():
+            idx[tied] = sim[tied].argsort(dim=1, descending=True, stable=True)[:, :n]
+        # ... and order equals by index.
+        idx = idx.sort(dim=1).values
+        order = sim.gather(1, idx).argsort(dim=1, descending=True, stable=True)
+        idx = idx.gather(1, order)
+        sims.append(sim.gather(1, idx))
+        idxs.append(idx)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def _vote(top: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
+    """Each query's class by the votes exp(cos / t) of its neighbours: top, labels (Q, k); on the CPU."""
+    votes = torch.zeros(top.shape[0], num_classes, dtype=torch.float64, device=top.device)
+    votes.scatter_add_(1, labels, ((top - 1) / t).exp().double())  # exp((cos - 1) / t): no overflow
+    return votes.argmax(1).cpu()
+
+
 def knn_predict(gallery_x: torch.Tensor, gallery_y: torch.Tensor, query_x: torch.Tensor, num_classes: int,
-                k: int, t: float, leave_one_out: bool = False) -> torch.Tensor:
+                k: int, t: float, leave_one_out: bool = False, chunk: int = 512) -> torch.Tensor:
     """k-NN classifier on L2-normalised features: votes exp(cos / t) of the k nearest (Wu et al. 2018).
 
     leave_one_out: queries are the gallery itself, and none votes for itself.
     """
-    sim = query_x @ gallery_x.T  # (Q, G) cosine similarities
-    if leave_one_out:
-        sim.fill_diagonal_(-math.inf)
-    k = min(k, gallery_x.shape[0] - leave_one_out)
-    top, idx = sim.topk(k, dim=1)  # (Q, k)
-    votes = torch.zeros(query_x.shape[0], num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, gallery_y[idx], ((top - 1) / t).exp().double())  # exp((cos - 1) / t): no overflow
-    return votes.argmax(1)
+    top, idx = nearest(gallery_x, query_x, k, chunk, leave_one_out)
+    return _vote(top, gallery_y.to(idx.device)[idx], num_classes, t)
 
 
 def knn_retrieval(train: Features, test: Features, classes: list[str], k: int, t: float,
-                  recall_at: list[int]) -> dict:
+                  recall_at: list[int], chunk: int = 512, progress: bool = False) -> dict:
     """Test queries against the train gallery: recall@K and the k-NN classifier's accuracy, on the
-    features and on centred features (``centred``)."""
+    features and on centred features (``centred``); computed on the features' device."""
     mean = train.x.mean(0)
+    gallery_y, query_y = train.label.to(train.x.device), test.label.to(train.x.device)
     out = {}
     for name, gallery, queries in (("raw", train.x, test.x),
                                    ("centred", F.normalize(train.x - mean, dim=1), F.normalize(test.x - mean, dim=1))):
-        order = (queries @ gallery.T).argsort(dim=1, descending=True)  # (Q, G) gallery by similarity
-        hits = train.label[order] == test.label[:, None]
+        # enough neighbours for the vote, every recall@K and the plotted curve's first 100
+        top, idx = nearest(gallery, queries, max(k, 100, *recall_at), chunk,
+                           progress=f"k-NN, {name} features" if progress else None)
+        hits = gallery_y[idx] == query_y[:, None]  # (Q, n)
         recall = {f"R@{r}": hits[:, :r].any(1).double().mean().item() for r in recall_at if r <= len(train.keys)}
-        pred = knn_predict(gallery, train.label, queries, len(classes), k, t)
-        curve = hits[:, :max(100, *recall_at)].int().cummax(1).values.double().mean(0)  # recall@1, @2, ... (plot)
+        pred = _vote(top[:, :k], gallery_y[idx[:, :k]], len(classes), t)
+        curve = hits.int().cummax(1).values.double().mean(0)  # recall@1, @2, ... (plot)
         out[name] = {"recall": recall, "recall_curve": curve.tolist(), **_accuracy(pred, test.label, classes)}
     return {**out["raw"], "centred": {n: out["centred"][n] for n in ("top1", "recall")},
             "k": min(k, len(train.keys)), "t": t, "chance": 1 / len(classes)}
@@ -312,7 +427,9 @@ def knn_monitor(f: nn.Module, cfg: Config, device: torch.device, rank: int = 0, 
     if len(feats.keys) < 2:
         raise EvalError(f"data.eval {cfg.data.eval} holds {len(feats.keys)} video: leave-one-out k-NN needs two")
     num_classes = int(feats.label.max()) + 1
-    pred = knn_predict(feats.x, feats.label, feats.x, num_classes, cfg.eval.k, cfg.eval.t, leave_one_out=True)
+    x = feats.x.to(device)
+    pred = knn_predict(x, feats.label, x, num_classes, cfg.eval.k, cfg.eval.t, leave_one_out=True,
+                       chunk=cfg.eval.chunk)
     return (pred == feats.label).double().mean().item()
 
 
@@ -549,22 +666,29 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
     frozen = [p for p in protocols if p != "finetune"]
     if frozen:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        f = f.to(device)
-        log(f"eval: features of {folder} ({cfg.data.eval_clips} clips per video)")
-        tr = extract(f, cfg.data, cfg.views, train, device)
-        te = extract(f, cfg.data, cfg.views, test, device)
+        if cfg.eval.workers:
+            where, run = f"{cfg.eval.workers} Ray workers", lambda urls, bar: extract_on_workers(f, cfg, urls, bar)
+        else:
+            f = f.to(device)
+            where, run = str(device), lambda urls, bar: extract(f, cfg.data, cfg.views, urls, device, progress=bar)
+        log(f"eval: features of {folder} ({cfg.data.eval_clips} clips per video) on {where}")
+        tr, te = run(train, "features, train"), run(test, "features, test")
         classes = _classes(train, test, [tr.label, te.label])
         if len(set(tr.label.tolist())) < 2:
             raise EvalError(f"the train shards {train} hold a single class: the probes need two or more")
-        report.update(classes=classes, videos={"train": len(tr.keys), "test": len(te.keys)})
+        report.update(classes=classes, videos={"train": len(tr.keys), "test": len(te.keys)},
+                      skipped={split: {"samples": s.skipped_samples, "shards": s.skipped_shards}
+                               for split, s in (("train", tr), ("test", te))})
         l2 = cfg.eval.l2
         if l2 is None and {"linear", "scene"} & set(protocols):
-            l2, scores = choose_l2(tr.x, tr.label, len(classes))
+            l2, scores = choose_l2(tr.x, tr.label, len(classes), progress="linear probe, l2 cross-validation")
             report["l2_cv"] = {"chosen": l2, "accuracy": {str(k): v for k, v in scores.items()}}
         if "linear" in protocols:
             report["protocols"]["linear"] = linear_probe(tr, te, classes, l2)
         if "knn" in protocols:
-            report["protocols"]["knn"] = knn_retrieval(tr, te, classes, cfg.eval.k, cfg.eval.t, cfg.eval.recall_at)
+            on_device = [dataclasses.replace(s, x=s.x.to(device)) for s in (tr, te)]
+            report["protocols"]["knn"] = knn_retrieval(*on_device, classes, cfg.eval.k, cfg.eval.t,
+                                                       cfg.eval.recall_at, cfg.eval.chunk, progress=True)
         if "scene" in protocols:
             if tr.scenes is None and everything:
                 report["protocols"]["scene"] = {"skipped": "the records carry no meta.scene"}
@@ -591,9 +715,13 @@ def render_table(report: dict) -> str:
     m = report["model"]
     lines = [f"checkpoint {report['checkpoint']} ({m['arch']}, width {m['width']}, epoch {report['epoch']})"]
     if "videos" in report:
-        lines.append(f"train {report['videos']['train']} videos, test {report['videos']['test']} videos, "
-                     f"{len(report['classes'])} classes, {report['clips']} clips of {report['frames']}x"
-                     f"{report['size']}x{report['size']} per video")
+        split = {name: f"{name} {n} videos" for name, n in report["videos"].items()}
+        for name, s in report.get("skipped", {}).items():
+            if s["samples"] or s["shards"]:
+                shards = f", {s['shards']} shards broken" if s["shards"] else ""
+                split[name] += f" ({s['samples']} skipped as damaged or unreadable{shards}; see the warnings)"
+        lines.append(f"{split['train']}, {split['test']}, {len(report['classes'])} classes, {report['clips']} clips "
+                     f"of {report['frames']}x{report['size']}x{report['size']} per video")
     rows = [("protocol", "measure", "value", "chance")]
     p = report["protocols"]
     if "linear" in p:
@@ -705,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
                "  all       all four (scene only where the records carry scenes)\n\n"
                "The clip shape comes from the checkpoint's saved config; override with key=value, e.g.\n"
                "data.eval_clips=10 data.workers=4 eval.k=20 eval.finetune_epochs=10 train.workers=8.\n"
+               "Features on the cluster's GPUs instead of this process: eval.workers=8 eval.gpus_per_worker=1.\n"
                "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="URL",

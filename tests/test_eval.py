@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,11 @@ from torch import nn
 from dclr_dist import data, storage
 from dclr_dist.config import load_config
 from dclr_dist.data import DataError
-from dclr_dist.eval import (L2_GRID, EvalError, Features, choose_l2, evaluate, knn_predict, knn_retrieval, linear_probe,
-                            scene_probe)
+from dclr_dist.eval import (L2_GRID, EvalError, Features, choose_l2, evaluate, extract, extract_on_workers, knn_predict,
+                            knn_retrieval, linear_probe, nearest, scene_probe)
 from dclr_dist.model import backbone, gap
 from conftest import local_ray, pack_synthetic
+from test_data import tar_members, write_tar
 
 CLASSES = 3
 # 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.
@@ -227,6 +230,82 @@ def test_knn_and_retrieval_on_known_features():
     assert knn_predict(x, y, x, 2, k=10, t=0.07, leave_one_out=True).tolist() == [0, 0, 1, 1]
 
 
+def test_nearest_neighbours_in_chunks_equal_a_stable_sort_of_all_similarities():
+    # Unit vectors of +-1/4 in 16 dimensions: every dot product is exact in float32 whatever
+    # the chunk's BLAS kernel, and takes one of 17 values, so ties abound (and a duplicate).
+    g = torch.Generator().manual_seed(0)
+    half = (torch.randint(0, 2, (30, 16), generator=g) * 2 - 1) / 4
+    half = torch.cat([half, half[:1]])
+    gallery = torch.cat([half, -half])  # mean exactly 0: centred features are the same numbers
+    gallery_y = torch.randint(0, 4, (62,), generator=g)
+    queries = (torch.randint(0, 2, (37, 16), generator=g) * 2 - 1) / 4
+    query_y = torch.randint(0, 4, (37,), generator=g)
+    for loo, q in ((False, queries), (True, gallery)):
+        sim = q @ gallery.T
+        if loo:
+            sim.fill_diagonal_(-math.inf)
+        ref = sim.argsort(dim=1, descending=True, stable=True)[:, :20]
+        for chunk in (1, 7, 16, 100):  # 7 and 16 divide neither 37 nor 62
+            top, idx = nearest(gallery, q, 20, chunk, leave_one_out=loo)
+            assert torch.equal(idx, ref) and torch.equal(top, sim.gather(1, ref)), (loo, chunk)
+            assert torch.equal(knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, chunk),
+                               knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, 1000))
+    train = Features(gallery, gallery_y, [f"g{i:02d}" for i in range(62)], [{}] * 62)
+    test = Features(queries, query_y, [f"q{i:02d}" for i in range(37)], [{}] * 37)
+    whole = knn_retrieval(train, test, list("abcd"), 5, 0.07, [1, 5, 10], chunk=1000)
+    first = (queries @ gallery.T).argsort(dim=1, descending=True, stable=True)[:, 0]
+    assert whole["recall"]["R@1"] == (gallery_y[first] == query_y).double().mean().item()
+    for chunk in (1, 7, 16):
+        assert knn_retrieval(train, test, list("abcd"), 5, 0.07, [1, 5, 10], chunk=chunk) == whole
+
+    # a tie decides: of two equal neighbours the one listed first votes
+    a = torch.tensor([[1.0, 0.0]])
+    for labels in ([1, 0], [0, 1]):
+        assert knn_predict(torch.cat([a, a]), torch.tensor(labels), a, 2, k=1, t=0.07).tolist() == labels[:1]
+
+
+def test_features_from_ray_workers_equal_the_in_process_ones(ray_local, shards, tmp_path):
+    cfg = _cfg(shards, tmp_path)
+    torch.manual_seed(0)
+    f, _ = backbone("tiny", 8)
+    here = extract(f, cfg.data, cfg.views, [shards["train"]], torch.device("cpu"))
+    assert len(here.keys) == 8 * CLASSES and here.keys == sorted(here.keys)
+    for workers in (2, 3):  # the train split's 3 shards: 2 + 1 and 1 + 1 + 1
+        cfg.eval.workers = workers
+        there = extract_on_workers(f, cfg, [shards["train"]])
+        assert there.keys == here.keys and there.meta == here.meta and torch.equal(there.label, here.label)
+        torch.testing.assert_close(there.x, here.x)
+        assert (there.skipped_samples, there.skipped_shards) == (0, 0)
+
+
+def test_damaged_test_videos_are_counted_in_the_report(ray_local, shards, tmp_path):
+    # The test split with the first video of its first shard undecodable (test_data.py's damage).
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards["test"], damaged)
+    members = tar_members(damaged / "shard-000000.tar")
+    i = next(i for i, (name, _) in enumerate(members) if name.endswith(".mp4"))
+    members[i] = (members[i][0], np.random.default_rng(0).bytes(len(members[i][1])))
+    write_tar(damaged / "shard-000000.tar", members)
+    cfg = _cfg(shards, tmp_path)
+    torch.manual_seed(0)
+    folder = _checkpoint(tmp_path / "random", backbone("tiny", 8)[0], cfg)
+    lines: list[str] = []
+    # on 2 Ray workers, counted against the index.json ...
+    report = evaluate(folder, [shards["train"]], [str(damaged)], ("knn",), out=tmp_path / "report",
+                      overrides=("eval.workers=2",), log=lines.append)
+    assert report["videos"] == {"train": 8 * CLASSES, "test": 4 * CLASSES - 1}
+    assert report["skipped"] == {"train": {"samples": 0, "shards": 0}, "test": {"samples": 1, "shards": 0}}
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["skipped"] == report["skipped"]
+    header = f"train {8 * CLASSES} videos, test {4 * CLASSES - 1} videos (1 skipped as damaged or unreadable;"
+    assert header in (tmp_path / "report" / "report.txt").read_text() and header in "\n".join(lines)
+    assert sum(map(sum, report["protocols"]["knn"]["confusion"])) == 4 * CLASSES - 1
+    # ... and in this process from shards without it: the reader's own count
+    (damaged / "index.json").unlink()
+    bare = sorted(str(p) for p in damaged.glob("shard-*.tar"))
+    report = evaluate(folder, [shards["train"]], bare, ("knn",), log=lambda *a: None)
+    assert report["skipped"]["test"] == {"samples": 1, "shards": 0} and report["videos"]["test"] == 4 * CLASSES - 1
+
+
 def _rewrite(src: str, dst: Path, edit) -> str:
     """Copy a packed shard with each sample's JSON record passed through ``edit``."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -261,7 +340,8 @@ def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
 
     # shards whose records carry no label
     unlabelled = _rewrite(shards["test"], tmp_path / "unlabelled", lambda r: {k: v for k, v in r.items() if k != "label"})
-    with pytest.raises(EvalError, match=r"no video of .*unlabelled.* could be read .* records carry an integer label"):
+    with pytest.raises(DataError, match=r"unlabelled/shard-000000.tar: its record has no class label, and evaluation "
+                                        r"needs one .* pack the labelled videos with `python -m dclr_dist.shard`"):
         evaluate(str(best), [shards["train"]], [unlabelled], ("linear",))
     # labelled shards without scenes: the scene probe says what it needs
     sceneless = _rewrite(shards["test"], tmp_path / "sceneless", lambda r: {k: v for k, v in r.items() if k != "meta"})
