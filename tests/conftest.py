@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import socket
+import tarfile
 import threading
 import uuid
 from pathlib import Path
@@ -183,3 +185,14 @@ def local_ray(tmpdir: str, num_cpus: int = 3):
         yield
     finally:
         ray.shutdown()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain (ustar) tar of ``(name, payload)`` members, for shards built byte by byte."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()

@@ -19,15 +19,7 @@ from dclr_dist.config import DataConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, Part, Shard, eval_loader, read_parts, resolve_shards, to_device, train_loader
 from dclr_dist.model import VIEWS
 
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
+from conftest import tar_bytes
 
 
 def samples(keys: str, size: int = 3000) -> list[tuple[str, bytes]]:

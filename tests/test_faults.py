@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
 import lzma
 import struct
@@ -22,6 +21,8 @@ from dclr_dist import data
 from dclr_dist.config import ConfigError, DataConfig, ShardConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, resolve_shards, train_loader
 from dclr_dist.shard.pack import pack
+
+from conftest import tar_bytes
 
 RGB = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 
@@ -81,16 +82,6 @@ def test_negative_seed_is_refused_by_validation(tmp_path, key):
 
 # --------------------------------------------------------------------------- shard URLs
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
-
-
 SAMPLE = [("v0.mp4", b"\x00" * 64), ("v0.json", b'{"frames": 8, "label": 0}')]
 
 
@@ -101,7 +92,7 @@ def _read(urls: list[str]) -> list[dict]:
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path, monkeypatch):
     shard = tmp_path / "shard-000000.tar"
-    shard.write_bytes(_tar_bytes(SAMPLE))
+    shard.write_bytes(tar_bytes(SAMPLE))
     marker = tmp_path / "ran"
     url = f"pipe:touch {marker} && cat {shard}"
     monkeypatch.delenv("DCLR_ALLOW_PIPE", raising=False)
@@ -123,7 +114,7 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path, monkeypatch):
     ("bzip2", bz2.compress, ".tar.bz2"), ("xz", lzma.compress, ".tar.xz"),
 ])
 def test_compressed_shards_are_refused_by_name_and_by_content(tmp_path, kind, compress, suffix):
-    packed = compress(_tar_bytes(SAMPLE))
+    packed = compress(tar_bytes(SAMPLE))
     named = tmp_path / f"shard-000000{suffix}"
     named.write_bytes(packed)
     with pytest.raises(DataError, match=r"compressed shards are not supported; repack .* `python -m dclr_dist\.shard`"):
@@ -142,7 +133,7 @@ def test_compressed_shards_are_refused_by_name_and_by_content(tmp_path, kind, co
 
 def test_plain_tar_whose_first_name_looks_like_bzip2_is_read(tmp_path):
     shard = tmp_path / "shard-000000.tar"
-    shard.write_bytes(_tar_bytes([("BZh91AY.mp4", b"\x00" * 64), ("BZh91AY.json", b"{}")] + SAMPLE))
+    shard.write_bytes(tar_bytes([("BZh91AY.mp4", b"\x00" * 64), ("BZh91AY.json", b"{}")] + SAMPLE))
     assert [s["__key__"] for s in _read([str(shard)])] == ["BZh91AY", "v0"]
 
 
