@@ -867,4 +867,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ray pickles the functions of __main__ by value, with every global they reach (and
+    # torch.backends.cudnn cannot be pickled); those of the importable module go by name.
+    from dclr_dist.eval import main as _main
+
+    sys.exit(_main())
