@@ -63,12 +63,16 @@ class FlakyProxy:
     """A TCP relay to ``target`` that breaks the first connections on purpose.
 
     ``refuse`` connections are closed as soon as they are accepted (a dropped connection);
-    ``cut`` further connections relay the request but close after ``cut_after`` bytes of
-    the response (a body that breaks off mid-stream). Later connections relay normally.
+    ``answer`` further connections get S3's error ``status`` (default 503 SlowDown:
+    throttling) without reaching the server; ``cut`` further connections relay the request
+    but close after ``cut_after`` bytes of the response (a body that breaks off
+    mid-stream). Later connections relay normally.
     """
 
-    def __init__(self, target: tuple[str, int], refuse: int = 0, cut: int = 0, cut_after: int = 200):
+    def __init__(self, target: tuple[str, int], refuse: int = 0, cut: int = 0, cut_after: int = 200,
+                 answer: int = 0, status: tuple[int, str, str] = (503, "Slow Down", "SlowDown")):
         self.target, self.refuse, self.cut, self.cut_after = target, refuse, cut, cut_after
+        self.answer, self.status = answer, status
         self.connections = 0
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -87,8 +91,28 @@ class FlakyProxy:
             if n <= self.refuse:
                 client.close()
                 continue
-            limit = self.cut_after if n <= self.refuse + self.cut else None
+            if n <= self.refuse + self.answer:
+                threading.Thread(target=self._error, args=(client,), daemon=True).start()
+                continue
+            limit = self.cut_after if n <= self.refuse + self.answer + self.cut else None
             threading.Thread(target=self._relay, args=(client, limit), daemon=True).start()
+
+    def _error(self, client: socket.socket) -> None:
+        code, reason, s3_code = self.status
+        body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{s3_code}</Code><Message>{reason}</Message></Error>'
+        try:
+            client.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    break
+                head += data
+            client.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\n"
+                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+        except OSError:
+            pass
+        client.close()
 
     def _relay(self, client: socket.socket, limit: int | None) -> None:
         upstream = socket.create_connection(self.target)

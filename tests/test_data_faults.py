@@ -203,3 +203,22 @@ def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_th
     # A record that says nothing and a container that cannot say either: a damaged sample.
     with pytest.raises(data.DamagedSample, match="undecodable video"):
         data._record({"__key__": "k", "__url__": "u", "mp4": b"\0" * 100, "json": b"{}"}, labelled=False)
+
+
+def test_s3_throttling_and_server_errors_are_retried_and_access_denied_is_one_line(bucket, flaky_proxy):
+    blob = GOOD
+    url = f"{bucket}/throttled.tar"
+    storage.write_bytes(url, blob)
+    proxy = flaky_proxy(answer=3)  # 503 SlowDown three times, then the server
+    with data.gopen_s3(url, attempts=1) as f:
+        assert f.read() == blob
+    assert proxy.connections == 4
+    proxy = flaky_proxy(answer=2, status=(500, "Internal Error", "InternalError"))
+    storage.write_bytes(f"{bucket}/copy.tar", blob)
+    assert proxy.connections == 3
+    assert storage.read_bytes(f"{bucket}/copy.tar") == blob
+    flaky_proxy(answer=1000, status=(403, "Forbidden", "AccessDenied"))
+    for act in (lambda: storage.read_bytes(url), lambda: storage.write_bytes(f"{bucket}/denied.tar", blob)):
+        with pytest.raises(storage.StorageError) as e:
+            act()
+        assert "access denied (AccessDenied)" in str(e.value) and "\n" not in str(e.value)
