@@ -65,6 +65,7 @@ import dataclasses
 import io
 import json
 import math
+import pickle
 import sys
 import tempfile
 import time
@@ -119,7 +120,12 @@ def load_backbone(folder: str, meta: dict) -> tuple[nn.Module, int]:
     """The checkpoint's backbone f (the query encoder's) in eval mode, and its channel count C."""
     arch, width = meta["model"]["arch"], meta["model"]["width"]
     f, C = backbone(arch, width)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, "backbone.pt"))), weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, "backbone.pt"))), weights_only=True)
+    except pickle.UnpicklingError:
+        raise EvalError(f"{folder}/backbone.pt: refusing to load: it holds objects other than tensors and plain "
+                        "data (torch's weights-only unpickler refused it, as unpickling could run code); use a "
+                        "backbone.pt written by the trainer or `python -m dclr_dist.export`") from None
     try:
         f.load_state_dict(state)
     except RuntimeError as e:

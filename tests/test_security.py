@@ -183,3 +183,18 @@ def test_metrics_staging_is_private_and_fresh(bucket):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert [p.name for p in elsewhere.iterdir()] == ["metrics.jsonl"]
     assert not log.dir.exists() and not second.dir.exists()
+
+
+def test_evaluation_refuses_a_backbone_that_unpickles_code(tmp_path):
+    from dclr_dist.eval import EvalError, load_backbone
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"0.weight": Payload()}, tmp_path / "backbone.pt")
+    with pytest.raises(EvalError, match="backbone.pt: refusing to load") as e:
+        load_backbone(str(tmp_path), {"model": {"arch": "tiny", "width": 8}})
+    assert "\n" not in str(e.value) and not marker.exists()
