@@ -41,9 +41,10 @@ def plain_loop(cfg, epochs: int) -> list[float]:
     opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, batches))
     rates = []
+    # One loader for the run, as the trainer's.
+    it = iter(data.train_loader(cfg.data, cfg.views, rank=0, world_size=1, epochs=epochs))
     for epoch in range(epochs):
         start, samples = time.perf_counter(), 0
-        it = iter(data.train_loader(cfg.data, cfg.views, rank=0, world_size=1, epoch=epoch))
         for _ in range(batches):
             batch = data.to_device(next(it), "cpu", cfg.views)
             loss = criterion(model(batch))["loss"]

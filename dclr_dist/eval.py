@@ -527,10 +527,14 @@ def finetune_loop(loop_config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * batches)
+    # One loader for every epoch (no re-fork at epoch boundaries); unlabelled shards are an error.
+    it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epochs=epochs, labelled=True))
     for epoch in range(epochs):
         model.train()
-        total, correct, seen = 0.0, 0, 0
-        it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=epoch))
+        # Summed on the device: a float() per step would make the host wait for the GPU every step.
+        total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
         for _ in range(batches):
             # The first augmented RGB clip of the pretraining pipeline: random resized crop,
             # colour, blur, flip (its static and dynamic views are made and left unused).
@@ -541,10 +545,11 @@ def finetune_loop(loop_config: dict) -> None:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(logits)
-            correct += int((logits.argmax(1) == batch["label"]).sum())
+            total += loss.detach() * len(logits)
+            correct += (logits.argmax(1) == batch["label"]).sum()
             seen += len(logits)
-        ray.train.report({"epoch": epoch + 1, "loss": total / seen, "train_top1": correct / seen})
+        train_loss, train_top1 = float(total) / seen, int(correct) / seen
+        ray.train.report({"epoch": epoch + 1, "loss": train_loss, "train_top1": train_top1})
 
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     net.eval()
@@ -568,7 +573,7 @@ def finetune_loop(loop_config: dict) -> None:
     y = torch.tensor([label for e in everyone for label in e[2]])
     if len(y) == 0:
         raise EvalError(f"no test video of {loop_config['test']} could be read: see the warnings")
-    metrics = {"epoch": epochs, "loss": total / seen, "train_top1": correct / seen,
+    metrics = {"epoch": epochs, "loss": train_loss, "train_top1": train_top1,
                **_accuracy(pred, y, loop_config["classes"]), "videos": len(y)}
     # Ray Train keeps the metrics of checkpointed reports only: rank 0's checkpoint is the
     # fine-tuned network, a state_dict of f.* (backbone) and fc.* (classifier).
@@ -584,7 +589,7 @@ def finetune(cfg: Config, folder: str, test: list[str], classes: list[str]) -> d
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dclr_dist.train import forwarded_env, ray_storage
+    from dclr_dist.train import failure_summary, forwarded_env, ray_storage
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -602,9 +607,13 @@ def finetune(cfg: Config, folder: str, test: list[str], classes: list[str]) -> d
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                              worker_runtime_env={"env_vars": forwarded_env()}))
-    result = trainer.fit()
-    if result.error:
-        raise EvalError(f"fine-tuning failed: {result.error}")
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        # The workers' tracebacks are already on the console; one line says what ended it.
+        raise EvalError(f"fine-tuning failed: {failure_summary(e)}") from None
     where = f"s3://{result.checkpoint.path}" if fs is not None else result.checkpoint.path  # pyarrow paths lack s3://
     return {**result.metrics, "model": storage.join(where, "model.pt"), "epochs": cfg.eval.finetune_epochs,
             "chance": 1 / len(classes)}

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import pickle
 import shutil
 import sys
@@ -718,6 +719,15 @@ def fit(cfg: Config, callbacks: list | None = None):
     return trainer.fit()
 
 
+def failure_summary(e: Exception) -> str:
+    """The last "SomethingError: message" line of a Ray Train failure (whose text holds the
+    workers' tracebacks), or its first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
+              and not line.startswith(("ray.train.", "TrainingFailedError"))]
+    return (raised or lines or [type(e).__name__])[-1 if raised else 0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.train",
@@ -753,8 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailedError as e:
         # Raised when the restarts of train.max_failures are spent; the workers' tracebacks are
         # already on the console and in the run's logs, so one line says what ended it.
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(f"error: training failed: {first}", file=sys.stderr)
+        print(f"error: training failed: {failure_summary(e)}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     print(f"done: {m.get('epoch')} epochs, {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}; "

@@ -199,3 +199,14 @@ def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
     r = _run_cli("--config", str(good))
     assert r.returncode == 1 and "no-such-shards" in r.stderr
     assert time.monotonic() - start < 60  # before any Ray worker starts
+
+
+def test_a_failed_run_is_summarised_in_one_line_by_the_workers_error():
+    from dclr_dist.train import failure_summary
+
+    ray_text = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
+                '  File "train.py", line 3, in train_loop\nray.train.WorkerGroupError: Training failed due to worker '
+                "errors:\nValueError: shard-000003.tar: no such object\n")
+    assert failure_summary(RuntimeError(ray_text)) == "ValueError: shard-000003.tar: no such object"
+    assert failure_summary(RuntimeError("Training failed due to worker errors:\n")) == \
+        "Training failed due to worker errors:"
