@@ -118,13 +118,9 @@ def _endpoint_hint() -> str:
 
 
 def _explain(e: Exception, what: str) -> Exception:
-    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, NoCredentialsError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(e, S3UploadFailedError) and isinstance(e.__context__, ClientError):
-        # boto3's transfer manager re-raises S3's answer as a message string; the cause has its code.
-        return _explain(e.__context__, what)
     if isinstance(e, BotoConnectionError):
         return StorageError(f"{what}: cannot reach S3 after retries ({e}). {_endpoint_hint()}")
     if isinstance(e, NoCredentialsError):
