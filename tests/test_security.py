@@ -18,7 +18,7 @@ import torch
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from conftest import local_ray, pack_synthetic
+from conftest import environment, local_ray, pack_synthetic
 
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
         "views.size=32", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
@@ -33,14 +33,8 @@ def secrets(s3_endpoint):
     tag = uuid.uuid4().hex[:16].upper()
     values = {"AWS_ACCESS_KEY_ID": f"AKIADCLR{tag}", "AWS_SECRET_ACCESS_KEY": f"dclrSecretKey{tag}",
               "AWS_SESSION_TOKEN": f"dclrSessionToken{tag}"}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    yield values
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment(values):
+        yield values
 
 
 @pytest.fixture(scope="module")
