@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The embedded default: synthetic scene-bias shards (made on first use) -> local Ray
-# cluster -> DCLR pretraining (configs/demo.yaml).
+# cluster -> DCLR pretraining (dclr_dist/configs/demo.yaml).
 demo: $(STAMP)
-	$(BIN)/python -m dclr_dist.train
+	$(BIN)/python -m dclr_dist.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,7 +8,7 @@ default), at two scales:
 
 - the scene-bias benchmark / demo: 192 videos, 4 classes, shards of 64, 1 rank x 1 worker,
   buffer 64 (16 before the first sample), batch 16, queue 128;
-- Kinetics-400 on 32 GPUs (``configs/k400_r2plus1d.yaml``): 240,000 videos, 400 classes,
+- Kinetics-400 on 32 GPUs (``dclr_dist/configs/k400_r2plus1d.yaml``): 240,000 videos, 400 classes,
   shards of 1,000, 32 ranks x 10 workers, buffer 1,024 (64 first), batch 16 per rank,
   queue 16,384; and the same with shards of 200.
 

@@ -6,10 +6,10 @@
 
 Everything printed is measured in this run; ratios are against the baseline of this run.
 
-(a) Training step of the recipe (``--config``, default configs/k400_r2plus1d.yaml:
+(a) Training step of the recipe (``--config``, default dclr_dist/configs/k400_r2plus1d.yaml:
     R(2+1)D-18, 16x112x112 clips, bf16 autocast, the views made on the device from uint8
     frames of 128x171 (K400 packed at short side 128), queue mode) on a real DeepSpeed
-    engine (``dclr_dist.train.build``, the trainer's own) over an nccl process group of
+    engine (``dclr_dist.engine.build``, the trainer's own) over an nccl process group of
     world size 1. One step is what the trainer's loop does: copy the loader's pinned uint8
     batch, views, forward, loss, backward, ``engine.step()``, momentum update. Rows: the
     baseline (every speed switch off), each switch of ``train.*`` on alone
@@ -280,7 +280,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def measure(row: dict, ctx) -> dict:
     """Build the row's engine, warm up, time, count host syncs; returns the row's results and the engine."""
     from dclr_dist.batchnorm import set_sync
-    from dclr_dist.train import build
+    from dclr_dist.engine import build
 
     args, device = ctx.args, ctx.device
     cfg = load_config(args.config, [*ctx.base_overrides, *row["overrides"]])
@@ -366,7 +366,8 @@ def _state(engine, criterion) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_round_trip(engine, criterion, cfg, ctx) -> dict:
-    from dclr_dist.train import CHECKPOINT_TAG, build
+    from dclr_dist.checkpoint import CHECKPOINT_TAG
+    from dclr_dist.engine import build
 
     device, out = ctx.device, {}
     before = _state(engine, criterion)
@@ -546,7 +547,7 @@ class Context:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "k400_r2plus1d.yaml"))
+    parser.add_argument("--config", default=str(REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"))
     parser.add_argument("--cpu", action="store_true", help="the reduced form on CPU (automatic without CUDA)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "gpu_check.json"))
     parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "gpu_check"),

@@ -7,13 +7,13 @@
     python benchmarks/learning.py --supervised views.jitter_p=0      # can the network learn the motion at all?
 
 The real views, model and loss (dclr_dist.views, .model, .loss) on the demo's synthetic
-corpus (``shards/demo/videos``, written by ``python -m dclr_dist.train`` on first use),
+corpus (``shards/demo/videos``, written by ``python -m dclr_dist.demo`` on first use),
 decoded once into memory, so a step costs only the views and the network: no Ray, no
 DeepSpeed, no decoding per step. Every 25 steps it prints each loss term's mean; every
 ``--eval-every`` steps the k-NN (k=10) and linear-probe accuracy of the query backbone on
 the motion labels of the test split (unseen scenes), from 3 clips per video.
 
-The config is configs/demo.yaml with the overrides given. The batch is the demo's global
+The config is dclr_dist/configs/demo.yaml with the overrides given. The batch is the demo's global
 batch (data.batch_size x train.workers); the lr is train.lr scaled to it as the trainer
 does, held constant (no warm-up or schedule). The figures in the README's "Does DCLR
 follow the motion?" came from this script.
@@ -41,7 +41,7 @@ from dclr_dist.config import BASELINE, load_config  # noqa: E402
 from dclr_dist.eval import knn_predict, logistic_regression  # noqa: E402
 from dclr_dist.loss import DCLRLoss  # noqa: E402
 from dclr_dist.model import DCLR, gap  # noqa: E402
-from dclr_dist.train import DEMO_CONFIG, ensure_demo_shards  # noqa: E402
+from dclr_dist.demo import DEMO_CONFIG, ensure_demo_shards  # noqa: E402
 from scene_bias import train_views  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
@@ -89,12 +89,12 @@ def main() -> None:
                         help="train the backbone and a linear classifier on the motion labels instead (RGB clips)")
     parser.add_argument("--corpus", default=str(REPO / "shards" / "demo" / "videos"),
                         help="a synthetic corpus folder (manifest.csv); default: the demo's")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on dclr_dist/configs/demo.yaml")
     args = parser.parse_args()
     cfg = load_config(DEMO_CONFIG, [*(BASELINE if args.baseline else []), *args.overrides])
     root = Path(args.corpus)
     if not (root / "manifest.csv").exists() and root == REPO / "shards" / "demo" / "videos":
-        ensure_demo_shards(cfg)
+        ensure_demo_shards(cfg, REPO / "shards" / "demo")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 

@@ -12,7 +12,7 @@ videos, a binomial standard error under 3 points per seed).
 
 Training: the real views, model and loss (``dclr_dist.views``, ``.model``, ``.loss``) in one
 process per run, with the videos decoded once into memory; AdamW and the trainer's lr
-schedule (``dclr_dist.train.lr_lambda``). No Ray or DeepSpeed: the trainer's equivalence to
+schedule (``dclr_dist.engine.lr_lambda``). No Ray or DeepSpeed: the trainer's equivalence to
 this loop is what ``tests/test_loss_distributed.py`` and ``tests/test_train.py`` check, and
 here the budget goes to steps and seeds. Every method gets the same steps (``--steps``,
 default 1152: 4x the earlier benchmark's 288), batch 16, seeds (model init, data order,
@@ -68,7 +68,8 @@ from dclr_dist.eval import Features, choose_l2, knn_retrieval, linear_probe, sce
 from dclr_dist.loss import DCLRLoss  # noqa: E402
 from dclr_dist.model import DCLR, gap  # noqa: E402
 from dclr_dist.shard.synth import write_corpus  # noqa: E402
-from dclr_dist.train import DEMO_CONFIG, lr_lambda  # noqa: E402
+from dclr_dist.demo import DEMO_CONFIG  # noqa: E402
+from dclr_dist.engine import lr_lambda  # noqa: E402
 
 # DCLR with every fix, on this corpus (flips off: a flip turns move_left into move_right).
 COMMON = ["views.flip_p=0", "views.scale=[0.5,1.0]", "loss.queue_size=128", "data.batch_size=16"]

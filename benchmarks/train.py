@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--epochs 4] [key=value ...]
 
-Both run the same model, loss, optimizer and data pipeline (configs/demo.yaml with one
+Both run the same model, loss, optimizer and data pipeline (dclr_dist/configs/demo.yaml with one
 worker, on synthetic shards made here), in this one run. Throughput is samples/s over
 the epochs after the first (start-up and warm-up excluded), as the trainer itself reports
 it; the trainer's wall time including Ray and DeepSpeed start-up is printed too.
@@ -28,7 +28,9 @@ from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR
 from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
-from dclr_dist.train import DEMO_CONFIG, fit, lr_lambda
+from dclr_dist.demo import DEMO_CONFIG
+from dclr_dist.engine import lr_lambda
+from dclr_dist.train import fit
 
 
 def plain_loop(cfg, epochs: int) -> list[float]:
@@ -61,7 +63,7 @@ def plain_loop(cfg, epochs: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("overrides", nargs="*", help="config overrides on top of configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="config overrides on top of dclr_dist/configs/demo.yaml")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -86,7 +88,7 @@ def main() -> None:
 
     p, t = statistics.mean(plain[1:]), statistics.mean(trainer[1:])
     samples = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1) * cfg.data.batch_size
-    print(f"config: configs/demo.yaml, 1 worker, {args.epochs} epochs of {samples} samples, "
+    print(f"config: dclr_dist/configs/demo.yaml, 1 worker, {args.epochs} epochs of {samples} samples, "
           f"{cfg.model.arch} width {cfg.model.width}, {cfg.views.frames}x{cfg.views.size}x{cfg.views.size} clips")
     print(f"{'':<28}{'samples/s (epochs 2+)':>22}{'per epoch':>40}")
     print(f"{'plain PyTorch loop':<28}{p:>22.1f}{'  ' + ', '.join(f'{r:.1f}' for r in plain):>40}")

@@ -1,7 +1,7 @@
 """Check a Ray launcher config for AWS (cluster/aws.yaml) before `ray up`: what Ray's
 launcher would refuse, and what it would launch but that could never boot or hold the run.
 
-    python cluster/check_recipe.py [cluster/aws.yaml] [--config configs/k400_r2plus1d.yaml ...]
+    python cluster/check_recipe.py [cluster/aws.yaml] [--config dclr_dist/configs/k400_r2plus1d.yaml ...]
 
 - Ray's JSON schema for launcher configs (a misspelt key fails there, not on the cloud).
 - Each node type's InstanceType is one this file knows: its resources claim no more CPUs
@@ -10,7 +10,7 @@ launcher would refuse, and what it would launch but that could never boot or hol
 - The network declared in ``metadata.network`` (``default_route``: nat, igw or none;
   ``s3_gateway_endpoint``): every node reaches what its setup commands fetch and S3, and
   Ray's launcher accepts the subnet.
-- Each pretraining config given (default: configs/k400_r2plus1d.yaml) fits: its workers
+- Each pretraining config given (default: dclr_dist/configs/k400_r2plus1d.yaml) fits: its workers
   per GPU node times ``train.cpus_per_worker`` within the node's CPUs, and enough GPU nodes
   for ``train.workers``.
 
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", default=str(REPO / "cluster" / "aws.yaml"))
     parser.add_argument("--config", action="append", metavar="FILE.yaml",
                         help="a pretraining config the cluster must hold (repeatable; default "
-                             "configs/k400_r2plus1d.yaml)")
+                             "dclr_dist/configs/k400_r2plus1d.yaml)")
     args = parser.parse_args(argv)
     cfg = yaml.safe_load(Path(args.recipe).read_text())
-    problems = check(cfg, args.config or [REPO / "configs" / "k400_r2plus1d.yaml"])
+    problems = check(cfg, args.config or [REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"])
     for p in problems:
         print(f"{args.recipe}: {p}")
     if not problems:

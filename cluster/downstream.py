@@ -14,7 +14,7 @@ test video's 10 clips averaged), and the three-split mean that papers report.
 
 `pack` runs `python -m dclr_dist.shard --dataset ... --fold N` for the train and test split
 of every fold into SHARDS/<dataset>-<fold>-<split>; `eval` runs `python -m dclr_dist.eval`
-with configs/downstream/r2plus1d_18.yaml on each fold, keeps its report in
+with dclr_dist/configs/downstream/r2plus1d_18.yaml on each fold, keeps its report in
 OUT/<dataset>-<fold>/ and prints the table; `all` packs and evaluates. Re-running is safe:
 the packer keeps a finished packing, and a fold whose report exists is not evaluated again
 (--force does). --dry-run prints the commands instead of running them. Arguments after `--`
@@ -41,7 +41,7 @@ DATASETS = ("ucf101", "hmdb51")
 FOLDS = (1, 2, 3)
 STEPS = ("pack", "eval", "summary", "all")
 PROTOCOLS = ("linear", "finetune")
-CONFIG = "configs/downstream/r2plus1d_18.yaml"
+CONFIG = "dclr_dist/configs/downstream/r2plus1d_18.yaml"
 
 
 def shards_url(shards: str, dataset: str, fold: int, split: str) -> str:

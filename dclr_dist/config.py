@@ -4,7 +4,7 @@ Each stage of the data flow owns one section (a dataclass below). The whole tree
 validated before anything expensive starts, so an unknown key or a wrong type fails in
 milliseconds with a message naming the key and the file, not an hour into a Ray job.
 
-    cfg = load_config("configs/demo.yaml", ["shard.crf=28", "shard.fps=15"])
+    cfg = load_config("dclr_dist/configs/demo.yaml", ["shard.crf=28", "shard.fps=15"])
 """
 
 from __future__ import annotations
@@ -463,18 +463,33 @@ class _StrictLoader(yaml.SafeLoader):
         return node
 
 
+# The recipes shipped with the package (dclr_dist/configs/*.yaml), found by name from any directory.
+RECIPES = Path(__file__).with_name("configs")
+
+
+def recipe_path(path: str | Path) -> Path:
+    """``path``, or the shipped recipe it names (``demo``, ``k400_r2plus1d``, ``downstream/r2plus1d_18``)
+    when no such file exists here."""
+    path = Path(path)
+    shipped = RECIPES / f"{path}.yaml"
+    return shipped if not path.exists() and path.suffix == "" and shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides.
+    """Build a validated :class:`Config` from an optional YAML file (or shipped recipe name) and
+    ``key=value`` overrides.
 
     Overrides use dotted keys (``shard.crf=28``) and YAML values (``shard.fps=null``).
     """
     tree: dict[str, Any] = {}
     if path is not None:
+        path = recipe_path(path)
         where = str(path)
         try:
             loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
         except FileNotFoundError:
-            raise ConfigError(f"{where}: config file not found") from None
+            raise ConfigError(f"{where}: config file not found (shipped recipes: "
+                              f"{', '.join(sorted(str(p.relative_to(RECIPES).with_suffix('')) for p in RECIPES.rglob('*.yaml')))})") from None
         except IsADirectoryError:
             raise ConfigError(f"{where}: is a folder; give the path of a YAML config file") from None
         except OSError as e:

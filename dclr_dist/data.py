@@ -245,6 +245,14 @@ def _index_beside(folder: str) -> dict[str, Shard]:
                         f"`python -m dclr_dist.shard` ({e!r}); move it away from the shards") from None
 
 
+def listed_shards(urls: list[str], key: str) -> list[Shard]:
+    """``resolve_shards`` of the config entry ``key``, which must name some."""
+    if not urls:
+        raise DataError(f"{key} is empty: set it to the shards to read (an index.json, a folder or s3:// prefix "
+                        "packed by `python -m dclr_dist.shard`, or .tar URLs)")
+    return resolve_shards(urls)
+
+
 def check_shards(shards: list[Shard], key: str) -> None:
     """Fail, naming the first, if listed shards are not there: the trainer's pre-flight.
 
@@ -873,10 +881,7 @@ def train_loader(data: DataConfig, cfg: ViewsConfig, *, rank: int = 0, world_siz
     _check_rank(rank, world_size)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not data.train:
-        raise DataError("data.train is empty: set it to the shards to train on (an index.json, a packed "
-                        "folder or s3:// prefix, or .tar URLs)")
-    shards = resolve_shards(data.train)
+    shards = listed_shards(data.train, "data.train")
     dataset = TrainStream(shards, data, cfg, rank, world_size, epoch, epochs,
                           batches_per_epoch(data, shards, world_size), labelled)
     return _loader(dataset, data)
@@ -885,9 +890,7 @@ def train_loader(data: DataConfig, cfg: ViewsConfig, *, rank: int = 0, world_siz
 def eval_loader(data: DataConfig, cfg: ViewsConfig, *, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Evaluation batches of ``rank``: ranks may get different counts, so gather results at the end."""
     _check_rank(rank, world_size)
-    if not data.eval:
-        raise DataError("data.eval is empty: set it to the shards to evaluate on")
-    return _loader(EvalStream(resolve_shards(data.eval), data, cfg, rank, world_size), data)
+    return _loader(EvalStream(listed_shards(data.eval, "data.eval"), data, cfg, rank, world_size), data)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

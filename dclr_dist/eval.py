@@ -62,10 +62,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
-import pickle
 import sys
 import tempfile
 import time
@@ -76,9 +74,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dclr_dist import storage
+from dclr_dist import launch, storage
+from dclr_dist.checkpoint import CheckpointError, load_backbone, load_meta, resolve_checkpoint
 from dclr_dist.config import Config, ConfigError, DataConfig, ViewsConfig, config_from_dict, load_config
-from dclr_dist.model import backbone, gap
+from dclr_dist.engine import scaled_lr
+from dclr_dist.model import gap
 
 PROTOCOLS = ("linear", "knn", "scene", "finetune")
 
@@ -87,53 +87,14 @@ class EvalError(RuntimeError):
     """The evaluation cannot run; the message names what and says what to do."""
 
 
+
+
 # --------------------------------------------------------------------------- checkpoint
 
-def resolve_checkpoint(url: str) -> str:
-    """The folder holding backbone.pt: ``url`` itself, or a run folder's ``best/``."""
-    url = url.rstrip("/")
-    if not storage.is_s3(url):
-        url = str(Path(url).resolve())
-    for folder in (url, storage.join(url, "best")):
-        if storage.exists(storage.join(folder, "backbone.pt")):
-            return folder
-    raise EvalError(f"{url}: no backbone.pt here or in best/. Pass a checkpoint folder written by "
-                    "`python -m dclr_dist.train` (backbone.pt + meta.json: a run's checkpoint_*/ or best/), "
-                    "or the run folder itself")
 
 
-def load_meta(folder: str) -> dict:
-    try:
-        meta = json.loads(storage.read_bytes(storage.join(folder, "meta.json")))
-    except FileNotFoundError:
-        raise EvalError(f"{folder}: backbone.pt without meta.json; copy the whole checkpoint folder") from None
-    except ValueError as e:
-        raise EvalError(f"{folder}/meta.json: not JSON ({e})") from None
-    model = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(model, dict) or not {"arch", "width"} <= model.keys() or not isinstance(meta.get("config"), dict):
-        raise EvalError(f"{folder}/meta.json: not written by `python -m dclr_dist.train` (it needs model.arch, "
-                        "model.width and config)")
-    return meta
 
 
-def load_backbone(folder: str, meta: dict) -> tuple[nn.Module, int]:
-    """The checkpoint's backbone f (the query encoder's) in eval mode, and its channel count C."""
-    arch, width = meta["model"]["arch"], meta["model"]["width"]
-    f, C = backbone(arch, width)
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, "backbone.pt"))), weights_only=True)
-    except pickle.UnpicklingError:
-        raise EvalError(f"{folder}/backbone.pt: refusing to load: it holds objects other than tensors and plain "
-                        "data (torch's weights-only unpickler refused it, as unpickling could run code); use a "
-                        "backbone.pt written by the trainer or `python -m dclr_dist.export`") from None
-    try:
-        f.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise EvalError(f"{folder}/backbone.pt does not fit the {arch} backbone of width {width} that its "
-                        f"meta.json names ({first} ...): the folder mixes files of two runs; use a checkpoint "
-                        "folder as the trainer wrote it") from None
-    return f.eval(), C
 
 
 def eval_config(meta: dict, train: list[str], test: list[str], config: str | None = None,
@@ -262,9 +223,7 @@ def extract_on_workers(f: nn.Module, cfg: Config, urls: list[str], progress: str
     to float rounding), whatever the worker count. ``f``: on the CPU, shipped to the workers."""
     import ray
 
-    from dclr_dist.train import connect_ray
-
-    connect_ray()
+    launch.connect_ray()
     task = ray.remote(_worker_features).options(num_cpus=cfg.eval.cpus_per_worker,
                                                 num_gpus=cfg.eval.gpus_per_worker)
     model = ray.put(f)
@@ -523,7 +482,7 @@ def finetune_loop(loop_config: dict) -> None:
 
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
     epochs = cfg.eval.finetune_epochs
-    lr = cfg.eval.finetune_lr * cfg.data.batch_size * world / cfg.train.ref_batch
+    lr = scaled_lr(cfg.eval.finetune_lr, cfg.data.batch_size * world, cfg.train.ref_batch)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * batches)
@@ -585,36 +544,17 @@ def finetune_loop(loop_config: dict) -> None:
 
 def finetune(cfg: Config, folder: str, test: list[str], classes: list[str]) -> dict:
     """Fine-tune the checkpoint's backbone on ``cfg.data.train`` with Ray Train and test it on ``test``."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dclr_dist.train import failure_summary, forwarded_env, ray_storage
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    use_gpu = cfg.train.gpus_per_worker > 0
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if use_gpu else {})}
-    storage_path, fs = ray_storage(cfg.train.storage_path)
     # A new run each time, beside the pretraining runs (train.storage_path, which every node
     # reaches): the same name would make Ray Train resume a finished fine-tuning.
     name = f"{cfg.train.name}-finetune-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = TorchTrainer(
-        finetune_loop,
-        train_loop_config={"config": cfg.to_dict(), "checkpoint": folder, "test": test,
-                           "classes": classes, "num_classes": len(classes)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
-                             worker_runtime_env={"env_vars": forwarded_env()}))
-    from ray.train import TrainingFailedError
-
+    loop_config = {"config": cfg.to_dict(), "checkpoint": folder, "test": test, "classes": classes,
+                   "num_classes": len(classes)}
     try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        # The workers' tracebacks are already on the console; one line says what ended it.
-        raise EvalError(f"fine-tuning failed: {failure_summary(e)}") from None
-    where = f"s3://{result.checkpoint.path}" if fs is not None else result.checkpoint.path  # pyarrow paths lack s3://
+        result = launch.run(launch.torch_trainer(finetune_loop, loop_config, cfg, name))
+    except launch.TrainingFailed as e:
+        raise EvalError(f"fine-tuning failed: {e}") from None
+    path = result.checkpoint.path  # pyarrow's paths lack the s3://
+    where = f"s3://{path}" if storage.is_s3(cfg.train.storage_path) else path
     return {**result.metrics, "model": storage.join(where, "model.pt"), "epochs": cfg.eval.finetune_epochs,
             "chance": 1 / len(classes)}
 
@@ -671,8 +611,7 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
     protocols = PROTOCOLS if everything else tuple(protocols)
     folder = resolve_checkpoint(checkpoint)
     meta = load_meta(folder)
-    train = [u if storage.is_s3(u) else str(Path(u).resolve()) for u in train]
-    test = [u if storage.is_s3(u) else str(Path(u).resolve()) for u in test]
+    train, test = [storage.absolute(u) for u in train], [storage.absolute(u) for u in test]
     cfg = eval_config(meta, train, test, config, overrides)
     f, _ = load_backbone(folder, meta)  # a mismatched backbone fails before any video is read
     report = {"checkpoint": folder, "model": meta["model"], "epoch": meta["epoch"], "train": train, "test": test,
@@ -875,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (EvalError, DataError, storage.StorageError, FileNotFoundError) as e:
+    except (EvalError, CheckpointError, DataError, storage.StorageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

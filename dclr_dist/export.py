@@ -45,7 +45,7 @@ import sys
 import torch
 
 from dclr_dist import storage
-from dclr_dist.eval import EvalError, load_backbone, load_meta, resolve_checkpoint
+from dclr_dist.checkpoint import CheckpointError, load_backbone, load_meta, resolve_checkpoint
 
 FORMATS = ("torchvision", "plain")
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         done = export(args.checkpoint, args.out, args.format)
-    except (ExportError, EvalError, storage.StorageError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, storage.StorageError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 1
     left_out = f", without {' and '.join(done['missing'])}" if done["missing"] else ""

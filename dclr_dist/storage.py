@@ -50,6 +50,12 @@ def local_path(url: str) -> Path:
     return Path(url)
 
 
+def absolute(url: str) -> str:
+    """``url`` as every process reads it: local paths resolved (Ray workers and Tune trials run
+    in other working directories), s3:// URLs as they are."""
+    return url if is_s3(url) else str(Path(url).resolve())
+
+
 def join(base: str, name: str) -> str:
     base = str(base)
     if is_s3(base):
@@ -302,3 +308,18 @@ def bucket_region(url: str) -> str:
     import boto3
 
     return os.environ.get("AWS_REGION") or boto3.session.Session().region_name or "us-east-1"
+
+
+def pyarrow_filesystem(path: str):
+    """(storage_path, filesystem) for Ray Train's RunConfig: S3 through pyarrow with AWS_ENDPOINT_URL honoured
+    and the bucket's region (pyarrow does not follow region redirects: a wrong one would fail
+    only at the first checkpoint). The filesystem pickles no credentials: each node uses its own."""
+    if not is_s3(path):
+        return absolute(path), None
+    import pyarrow.fs
+
+    bucket, key = split_s3(path)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=bucket_region(path),
+                                 scheme="http" if endpoint and endpoint.startswith("http://") else "https")
+    return f"{bucket}/{key}".rstrip("/"), fs

@@ -14,10 +14,10 @@ from dclr_dist import storage
 from dclr_dist.config import ConfigError, load_config
 
 
-def test_ray_storage_signs_for_the_buckets_region_not_the_configured_one(s3_endpoint, monkeypatch):
+def test_pyarrow_filesystem_signs_for_the_buckets_region_not_the_configured_one(s3_endpoint, monkeypatch):
     import boto3
 
-    from dclr_dist.train import ray_storage
+    from dclr_dist.storage import pyarrow_filesystem
 
     # boto3 follows S3's region redirects and pyarrow does not: a bucket outside the
     # configured region (here AWS_REGION, and AWS_DEFAULT_REGION=us-east-1 from the fixture)
@@ -25,7 +25,7 @@ def test_ray_storage_signs_for_the_buckets_region_not_the_configured_one(s3_endp
     name = f"eu-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
     monkeypatch.setenv("AWS_REGION", "ap-south-1")
-    path, fs = ray_storage(f"s3://{name}/runs")
+    path, fs = pyarrow_filesystem(f"s3://{name}/runs")
     assert (path, fs.region) == (f"{name}/runs", "eu-west-3")
     with fs.open_output_stream(f"{path}/probe.txt") as f:
         f.write(b"written by pyarrow")
@@ -33,11 +33,11 @@ def test_ray_storage_signs_for_the_buckets_region_not_the_configured_one(s3_endp
 
 
 def test_ray_storage_of_a_missing_bucket_is_a_one_line_error(s3_endpoint):
-    from dclr_dist.train import ray_storage
+    from dclr_dist.storage import pyarrow_filesystem
 
     with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket-x/runs: bucket 'no-such-bucket-x' does "
                                                    r"not exist\. Create it first"):
-        ray_storage("s3://no-such-bucket-x/runs")
+        pyarrow_filesystem("s3://no-such-bucket-x/runs")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -30,7 +30,7 @@ from test_train import TINY, shards  # noqa: F401  (the module-scoped shard fixt
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-K400 = REPO / "configs" / "k400_r2plus1d.yaml"
+K400 = REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -58,7 +58,7 @@ def test_aws_yaml_passes_rays_launcher_schema_and_holds_the_k400_run():
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         jsonschema.validate({**cfg, "max_worker": 4}, schema)
     # Instance types against resources and EFA cards, the network against every node's
-    # setup, and configs/k400_r2plus1d.yaml against the GPU nodes: nothing to report.
+    # setup, and dclr_dist/configs/k400_r2plus1d.yaml against the GPU nodes: nothing to report.
     assert check_recipe.check(cfg, [K400]) == []
     assert check_recipe.main([str(CLUSTER / "aws.yaml")]) == 0
 
@@ -276,10 +276,10 @@ def test_ray_job_submit_trains_across_two_nodes_and_resubmitting_resumes(local_c
 
     def submit(job_id: str, epochs: int) -> str:
         # What cluster/README.md tells users to run, from the checkout: the code and
-        # configs/ travel as the working dir; shards and runs are paths all nodes share here.
+        # dclr_dist/configs/ travel as the working dir; shards and runs are paths all nodes share here.
         argv = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
                 "--runtime-env", "cluster/runtime_env.yaml", "--",
-                "python", "-m", "dclr_dist.train", "--config", "configs/demo.yaml", *TINY, "eval.every=0",
+                "python", "-m", "dclr_dist.train", "--config", "dclr_dist/configs/demo.yaml", *TINY, "eval.every=0",
                 f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
                 f"train.storage_path={runs}", "train.name=submitted", f"train.epochs={epochs}"]
         r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=_client_env())

@@ -12,7 +12,7 @@ import torch
 
 from dclr_dist.config import load_config
 from dclr_dist.model import VIEWS
-from dclr_dist.train import BUCKET_ELEMENTS, build
+from dclr_dist.engine import BUCKET_ELEMENTS, build
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,9 @@ def test_speed_switches_apply_and_leave_the_state_dict_keys(process_group):
 def test_stage_0_reduces_each_bucket_while_backward_runs(process_group, monkeypatch):
     import torch.distributed as dist
 
-    from dclr_dist import train
+    import dclr_dist.engine
 
-    monkeypatch.setattr(train, "BUCKET_ELEMENTS", 20_000)  # several buckets on the tiny model
+    monkeypatch.setattr(dclr_dist.engine, "BUCKET_ELEMENTS", 20_000)  # several buckets on the tiny model
     engine, criterion = build(_tiny("train.grad_accum=2"), world_size=1, steps_per_epoch=4,
                               device=torch.device("cpu"))
     events = []

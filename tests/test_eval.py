@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dclr_dist import data, storage
+from dclr_dist.checkpoint import CheckpointError
 from dclr_dist.config import load_config
 from dclr_dist.data import DataError
 from dclr_dist.eval import (L2_GRID, EvalError, Features, choose_l2, evaluate, extract, extract_on_workers, knn_predict,
@@ -322,7 +323,7 @@ def _rewrite(src: str, dst: Path, edit) -> str:
 
 def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
     best = trained["run"] / "best"
-    with pytest.raises(EvalError, match="no backbone.pt here or in best/"):
+    with pytest.raises(CheckpointError, match="no backbone.pt here or in best/"):
         evaluate(str(tmp_path), [shards["train"]], [shards["test"]], ("linear",))
 
     # a checkpoint whose backbone.pt is of another backbone than its meta.json names
@@ -331,7 +332,7 @@ def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
     meta = json.loads((mixed / "meta.json").read_text())
     meta["model"]["width"] = meta["config"]["model"]["width"] = 16
     (mixed / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(EvalError, match="backbone.pt does not fit the tiny backbone of width 16 .* mixes files"):
+    with pytest.raises(CheckpointError, match="backbone.pt does not fit the tiny backbone of width 16 .* mixes files"):
         evaluate(str(mixed), [shards["train"]], [shards["test"]], ("linear",))
     # a config that asks for another backbone than the checkpoint holds
     with pytest.raises(EvalError, match="holds a tiny backbone of width 8 and the config asks for r3d_18 of width 64"):

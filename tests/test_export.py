@@ -13,7 +13,7 @@ from torchvision.models import video
 from dclr_dist.config import Config
 from dclr_dist.export import CLASSIFIER, ExportError, main, to_torchvision
 from dclr_dist.model import backbone, gap
-from dclr_dist.train import _checkpoint_meta
+from dclr_dist.checkpoint import checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,12 +69,12 @@ def _backbone(arch: str) -> nn.Module:
 
 
 def _checkpoint(folder: Path, f: nn.Module, arch: str, width: int = 64) -> Path:
-    """A checkpoint folder as the trainer writes it: backbone.pt + meta.json (train._checkpoint_meta)."""
+    """A checkpoint folder as the trainer writes it: backbone.pt + meta.json (checkpoint.checkpoint_meta)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(f.state_dict(), folder / "backbone.pt")
     cfg = Config()
     cfg.model.arch, cfg.model.width = arch, width
-    (folder / "meta.json").write_text(json.dumps(_checkpoint_meta(cfg, 1, 0)))
+    (folder / "meta.json").write_text(json.dumps(checkpoint_meta(cfg, 1, 0)))
     return folder
 
 

@@ -76,7 +76,7 @@ def s3_run(ray_local, shards, s3_endpoint):
 
 
 def test_forwarded_env_carries_settings_not_secrets(secrets, monkeypatch):
-    from dclr_dist.train import forwarded_env
+    from dclr_dist.launch import forwarded_env
 
     monkeypatch.setenv("AWS_PROFILE", "training")
     env = forwarded_env()
@@ -86,8 +86,7 @@ def test_forwarded_env_carries_settings_not_secrets(secrets, monkeypatch):
 
 
 def test_resume_refuses_a_checkpoint_that_unpickles_code(s3_run, tmp_path):
-    from ray.train import TrainingFailedError
-
+    from dclr_dist.launch import TrainingFailed
     from dclr_dist.train import fit
 
     run, overrides, result = s3_run
@@ -106,7 +105,7 @@ def test_resume_refuses_a_checkpoint_that_unpickles_code(s3_run, tmp_path):
     buf.seek(0)
     storage.write_bytes(target, buf.read())
 
-    with pytest.raises(TrainingFailedError) as failed:
+    with pytest.raises(TrainingFailed) as failed:
         fit(load_config(None, [*overrides, "train.epochs=2"]))
     assert not marker.exists(), "resuming ran the checkpoint's code"
     line = next(line for line in str(failed.value).splitlines() if "refusing to resume" in line)
@@ -154,7 +153,7 @@ def test_no_secret_in_ray_logs_job_table_run_state_or_storage(s3_run, secrets):
 
 
 def test_metrics_staging_is_private_and_fresh(bucket):
-    from dclr_dist.train import MetricsLog
+    from dclr_dist.metrics import MetricsLog
 
     run = f"{bucket}/runs/metrics"
     # The staging folder an earlier version used: predictable, so anyone on the node could
@@ -180,7 +179,7 @@ def test_metrics_staging_is_private_and_fresh(bucket):
 
 
 def test_evaluation_refuses_a_backbone_that_unpickles_code(tmp_path):
-    from dclr_dist.eval import EvalError, load_backbone
+    from dclr_dist.checkpoint import CheckpointError, load_backbone
 
     marker = tmp_path / "ran"
 
@@ -189,6 +188,6 @@ def test_evaluation_refuses_a_backbone_that_unpickles_code(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"0.weight": Payload()}, tmp_path / "backbone.pt")
-    with pytest.raises(EvalError, match="backbone.pt: refusing to load") as e:
+    with pytest.raises(CheckpointError, match="backbone.pt: refusing to load") as e:
         load_backbone(str(tmp_path), {"model": {"arch": "tiny", "width": 8}})
     assert "\n" not in str(e.value) and not marker.exists()

@@ -191,7 +191,7 @@ def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
     bad.write_text("train:\n  epochz: 3\n")
     r = _run_cli("--config", str(bad))
     assert r.returncode == 2 and "bad.yaml: unknown key 'train.epochz' (did you mean 'epochs'?)" in r.stderr
-    r = _run_cli("train.workers=two")
+    r = _run_cli("--config", "demo", "train.workers=two")  # a shipped recipe, by name
     assert r.returncode == 2 and "command line: train.workers must be int, got str 'two'" in r.stderr
     good = tmp_path / "good.yaml"
     good.write_text(f"data:\n  train: [{tmp_path / 'no-such-shards'}]\n")
@@ -202,7 +202,7 @@ def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
 
 
 def test_a_failed_run_is_summarised_in_one_line_by_the_workers_error():
-    from dclr_dist.train import failure_summary
+    from dclr_dist.launch import failure_summary
 
     ray_text = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
                 '  File "train.py", line 3, in train_loop\nray.train.WorkerGroupError: Training failed due to worker '

@@ -29,7 +29,7 @@ def _args(shards, tmp_path, *extra):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     return [sys.executable, str(REPO / "tune" / "search.py"), "--space", str(space), "--config",
-            str(REPO / "configs" / "demo.yaml"), "--storage", str(tmp_path / "sweeps"), "--name", "s",
+            str(REPO / "dclr_dist" / "configs" / "demo.yaml"), "--storage", str(tmp_path / "sweeps"), "--name", "s",
             *extra, *TRIAL, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]"]
 
 

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over DCLR's knobs: ``python tune/search.py``.
 
-    python tune/search.py --config configs/demo.yaml --space tune/space.yaml --num-samples 16
+    python tune/search.py --config dclr_dist/configs/demo.yaml --space tune/space.yaml --num-samples 16
     python tune/search.py ... --resume            # continue an interrupted sweep
 
 Each trial is a Tune function that builds and fits a Ray Train ``TorchTrainer`` (the Ray
@@ -123,13 +123,13 @@ def sweep(cfg: Config, space: dict, *, name: str, storage_path: str, num_samples
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from dclr_dist.train import connect_ray, ray_storage
+    from dclr_dist.launch import connect_ray
 
     connect_ray()
     sweep_url = storage.join(storage_path, name)
     trials_url = storage.join(sweep_url, "trials")
     trainable = tune.with_resources(partial(run_trial, base=cfg.to_dict(), trials_url=trials_url), {"cpu": 0.01})
-    tune_storage, fs = ray_storage(storage_path)
+    tune_storage, fs = storage.pyarrow_filesystem(storage_path)
     experiment = storage.join(tune_storage, name) if fs is None else f"{tune_storage}/{name}"
     if resume:
         if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
@@ -228,8 +228,8 @@ def print_table(rows: list[dict], space: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), metavar="FILE.yaml",
-                   help="training config the trials start from (default: configs/demo.yaml)")
+    p.add_argument("--config", default=str(REPO / "dclr_dist" / "configs" / "demo.yaml"), metavar="FILE.yaml",
+                   help="training config the trials start from (default: dclr_dist/configs/demo.yaml)")
     p.add_argument("--space", default=str(REPO / "tune" / "space.yaml"), metavar="SPACE.yaml",
                    help="search space: config key -> {uniform|loguniform|randint|choice: arguments}")
     p.add_argument("--num-samples", type=int, default=8, help="trials to run (default 8)")
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dclr_dist.train import make_paths_absolute
+    from dclr_dist.launch import make_paths_absolute
 
     make_paths_absolute(base)  # trials run in working directories of their own
     name = args.name or f"{base.train.name}-sweep"

@@ -1,0 +1,105 @@
+"""Everything that touches Ray on the driver side: joining a cluster, what the workers'
+environment carries, and the one TorchTrainer factory that pretraining, fine-tuning and
+sweeps start their workers with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from dclr_dist import storage
+from dclr_dist.config import Config
+
+
+class TrainingFailed(RuntimeError):
+    """A Ray Train run ended in failure after its restarts; the message is one line."""
+
+
+# The driver's S3 settings reach the workers, so shards and checkpoints resolve the same
+# way on every node. Never a credential: a runtime_env is stored in the job table and Train's
+# run state and written to runtime_env_agent.log, readable by anyone with the dashboard or a
+# shell on a node. Nodes take credentials from their own chain (instance role, IRSA, a
+# profile, the environment their raylet was started with; a local cluster started by the
+# driver inherits the driver's).
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_PROFILE")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _AWS_ENV if k in os.environ}
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one, once per process."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = forwarded_env()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return
+    # Ray Train's placement-group cleaner finds its cluster through the state API, whose
+    # auto-discovery fails when several Ray clusters share the machine (tests, sweeps next
+    # to a dev cluster); placement groups then leak and the next run waits forever. Name
+    # the local cluster's API server for it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
+
+
+def make_paths_absolute(cfg: Config) -> None:
+    """Workers (and Tune trials) run in other working directories: ship absolute local paths."""
+    cfg.data.train = [storage.absolute(u) for u in cfg.data.train]
+    cfg.data.eval = [storage.absolute(u) for u in cfg.data.eval]
+    cfg.train.storage_path = storage.absolute(cfg.train.storage_path)
+
+
+def failure_summary(e: Exception) -> str:
+    """The last "SomethingError: message" line of a Ray Train failure (whose text holds the
+    workers' tracebacks), or its first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
+              and not line.startswith(("ray.train.", "TrainingFailedError"))]
+    return (raised or lines or [type(e).__name__])[-1 if raised else 0]
+
+
+def torch_trainer(loop, loop_config: dict, cfg: Config, name: str, callbacks: list | None = None,
+                  keep_checkpoints: int | None = None, max_failures: int = 0):
+    """A TorchTrainer running ``loop(loop_config)`` on ``train.workers`` workers of the cluster in
+    RAY_ADDRESS (or a local one), each reserving ``train.cpus_per_worker`` CPUs and
+    ``train.gpus_per_worker`` GPUs (nccl when > 0, else gloo), its run ``name`` under
+    ``train.storage_path``, its workers given the driver's S3 settings."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect_ray()
+    t = cfg.train
+    use_gpu = t.gpus_per_worker > 0
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    storage_path, fs = storage.pyarrow_filesystem(t.storage_path)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, callbacks=callbacks or [], storage_path=storage_path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": forwarded_env()},
+            failure_config=FailureConfig(max_failures=max_failures)))
+
+
+def run(trainer):
+    """``trainer.fit()``; a failure once the restarts are spent raises TrainingFailed with the
+    workers' error in one line (their tracebacks are already on the console and in the logs)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingFailed(failure_summary(e)) from None
