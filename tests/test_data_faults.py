@@ -88,7 +88,7 @@ def test_skipping_to_a_range_inside_a_shard_reads_the_same_samples_on_s3(bucket,
     local = read(str(tmp_path / "s.tar"))
     assert [s["__key__"] for s in local] == ["b", "c"]
     assert read(f"{bucket}/s.tar") == local  # short skips read through the open body
-    monkeypatch.setattr(data, "_SKIP_BY_READING", 0)
+    monkeypatch.setattr(storage, "_SKIP_BY_READING", 0)
     assert read(f"{bucket}/s.tar") == local  # each skip a new ranged GET, pinned to the first ETag
 
 
@@ -104,11 +104,11 @@ def test_s3_shard_replaced_between_a_cut_and_its_resume_is_skipped_not_spliced(b
 
     # The raw reader: a few bytes, the object replaced, then the cut; the resuming GET is refused.
     flaky_proxy(cut=1, cut_after=6000)
-    raw = data._S3Reader(url, attempts=3)
+    raw = storage._S3Reader(url, attempts=3)
     buf = bytearray(1000)
     assert raw.readinto(buf) == 1000 and buf == old[:1000]
     storage.write_bytes(url, new)
-    with pytest.raises(data.ShardReplaced, match=rf"{url}: replaced while it was being read, at byte \d+"):
+    with pytest.raises(storage.ShardReplaced, match=rf"{url}: replaced while it was being read, at byte \d+"):
         while raw.readinto(buf):
             pass
     raw.close()
