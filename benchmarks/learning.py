@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,17 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dclr_dist import views
+from dclr_dist.config import BASELINE, load_config
+from dclr_dist.engine import scaled_lr
+from dclr_dist.evaluation.probes import knn_predict, logistic_regression
+from dclr_dist.loss import DCLRLoss
+from dclr_dist.model import DCLR, gap
+from dclr_dist.demo import DEMO_CONFIG, ensure_demo_shards
+from scene_bias import train_views  # this folder is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dclr_dist import views  # noqa: E402
-from dclr_dist.config import BASELINE, load_config  # noqa: E402
-from dclr_dist.eval import knn_predict, logistic_regression  # noqa: E402
-from dclr_dist.loss import DCLRLoss  # noqa: E402
-from dclr_dist.model import DCLR, gap  # noqa: E402
-from dclr_dist.demo import DEMO_CONFIG, ensure_demo_shards  # noqa: E402
-from scene_bias import train_views  # noqa: E402  (this folder is on sys.path when run as a script)
-
 
 
 def load(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -110,7 +108,7 @@ def main() -> None:
     params = [*f.parameters(), *head.parameters()] if args.supervised else \
         [p for p in model.parameters() if p.requires_grad]
     batch_size = cfg.data.batch_size * cfg.train.workers
-    lr = cfg.train.lr * batch_size / cfg.train.ref_batch
+    lr = scaled_lr(cfg.train.lr, batch_size, cfg.train.ref_batch)
     if cfg.train.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
     else:

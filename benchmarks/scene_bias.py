@@ -20,9 +20,9 @@ augmentation), crops at scale 0.5-1 (by the method review's count, not re-measur
 the paper's 0.2-1 on these 64-pixel frames). Runs go ``--jobs`` at a time, one thread each.
 
 Evaluation: the final weights (no checkpoint selection), 5 clips per video, batch norm in
-eval mode, with ``dclr_dist.eval``'s protocols on unseen scenes: linear probe (L2 chosen by
-3-fold cross-validation on the train split), k-NN and R@1 on raw and on centred features,
-the scene-swap test and the train-split scene/motion probes.
+eval mode, with ``dclr_dist.eval``'s protocols (``dclr_dist.evaluation.probes``) on unseen
+scenes: linear probe (L2 chosen by 3-fold cross-validation on the train split), k-NN and R@1
+on raw and on centred features, the scene-swap test and the train-split scene/motion probes.
 
 Methods: DCLR (batch norm per view type with RGB-only running statistics and cross-cut
 key groups, the released code's L_vv positives, the static view aligned with its clip,
@@ -57,19 +57,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dclr_dist import views
+from dclr_dist.batchnorm import ViewBatchNorm
+from dclr_dist.config import BASELINE, load_config
+from dclr_dist.data import shard_order
+from dclr_dist.evaluation.features import Features
+from dclr_dist.evaluation.probes import choose_l2, knn_retrieval, linear_probe, scene_probe
+from dclr_dist.loss import DCLRLoss
+from dclr_dist.model import DCLR, gap
+from dclr_dist.shard.synth import write_corpus
+from dclr_dist.demo import DEMO_CONFIG
+from dclr_dist.engine import lr_lambda
 
-from dclr_dist import views  # noqa: E402
-from dclr_dist.batchnorm import ViewBatchNorm  # noqa: E402
-from dclr_dist.config import BASELINE, load_config  # noqa: E402
-from dclr_dist.data import shard_order  # noqa: E402
-from dclr_dist.eval import Features, choose_l2, knn_retrieval, linear_probe, scene_probe  # noqa: E402
-from dclr_dist.loss import DCLRLoss  # noqa: E402
-from dclr_dist.model import DCLR, gap  # noqa: E402
-from dclr_dist.shard.synth import write_corpus  # noqa: E402
-from dclr_dist.demo import DEMO_CONFIG  # noqa: E402
-from dclr_dist.engine import lr_lambda  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # DCLR with every fix, on this corpus (flips off: a flip turns move_left into move_right).
 COMMON = ["views.flip_p=0", "views.scale=[0.5,1.0]", "loss.queue_size=128", "data.batch_size=16"]

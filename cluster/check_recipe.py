@@ -120,7 +120,6 @@ def instance_problems(cfg: dict) -> list[str]:
 
 def fit_problems(cfg: dict, config_path: str | Path) -> list[str]:
     """Does the pretraining config at ``config_path`` fit on the GPU node types of ``cfg``?"""
-    sys.path.insert(0, str(REPO))
     from dclr_dist.config import load_config
 
     train = load_config(config_path).train

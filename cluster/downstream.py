@@ -32,10 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dclr_dist import storage
 
-from dclr_dist import storage  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DATASETS = ("ucf101", "hmdb51")
 FOLDS = (1, 2, 3)

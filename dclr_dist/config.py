@@ -475,6 +475,32 @@ def recipe_path(path: str | Path) -> Path:
     return shipped if not path.exists() and path.suffix == "" and shipped.is_file() else path
 
 
+def read_yaml(path: str | Path, error_type: type[Exception] = ConfigError, what: str = "config file", *,
+              not_found_hint: typing.Callable[[], str] | None = None) -> Any:
+    """The YAML document in the UTF-8 file ``path``, with a key given twice in one mapping refused.
+
+    Every way the file can fail to read (not found, a folder, unreadable, not UTF-8, a
+    duplicate key, not valid YAML) raises ``error_type`` with a message that names the file,
+    and ``what`` it should be; ``not_found_hint()`` is appended when the file does not exist.
+    """
+    where = str(path)
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except FileNotFoundError:
+        raise error_type(f"{where}: {what} not found{not_found_hint() if not_found_hint else ''}") from None
+    except IsADirectoryError:
+        raise error_type(f"{where}: is a folder; give the path of a YAML {what}") from None
+    except OSError as e:
+        raise error_type(f"{where}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error_type(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except _DuplicateKey as e:
+        raise error_type(f"{where}: line {e.line}: duplicate key '{e.key}' (first at line {e.first}); "
+                         "keep one, the later would silently win") from None
+    except yaml.YAMLError as e:
+        raise error_type(f"{where}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated :class:`Config` from an optional YAML file (or shipped recipe name) and
     ``key=value`` overrides.
@@ -485,22 +511,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = recipe_path(path)
         where = str(path)
-        try:
-            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: config file not found (shipped recipes: "
-                              f"{', '.join(sorted(str(p.relative_to(RECIPES).with_suffix('')) for p in RECIPES.rglob('*.yaml')))})") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{where}: is a folder; give the path of a YAML config file") from None
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        except _DuplicateKey as e:
-            raise ConfigError(f"{where}: line {e.line}: duplicate key '{e.key}' (first at line {e.first}); "
-                              "keep one, the later would silently win") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+        loaded = read_yaml(path, ConfigError, "config file", not_found_hint=lambda: " (shipped recipes: " + ", ".join(
+            sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))) + ")")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

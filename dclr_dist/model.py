@@ -15,36 +15,14 @@ gathers across workers, keeps the queues and returns each term. The trainer call
     ... backward, optimizer step ...
     model.momentum_update()             # after the optimizer step
 
-Under DeepSpeed (checked on CPU, ZeRO 0-2, fp32 and bf16): give it only the trainable
-parameters (the key encoder's are frozen; DeepSpeed still broadcasts them from rank 0).
-bf16 mode casts parameters but not buffers, and batch norm refuses bf16 weights with
-fp32 running statistics: set data_types.buffer_dtype to "bf16", or use torch_autocast
-(fp32 weights). ZeRO-3 is out: momentum_update needs whole parameters on every rank.
+Under DeepSpeed (ZeRO 0-2, fp32 or bf16 autocast): give it only the trainable parameters
+(the key encoder's are frozen); ZeRO-3 is out, as momentum_update needs whole parameters.
 
-Decisions (docs/design.md, section 8, lists every difference from the released code):
-- Activation maps come from the key (momentum) encoder, without gradient, as in the
-  released code. A = sum_c f, normalised by its mean over the T' x H' x W' positions.
-- Pooling: soft weights GAP(f(v) * A) (released code), or a decoupling threshold: the
-  binary map [A >= threshold], normalised by its mean like A, so both are weighted
-  averages of f(v) over positions. A threshold above a sample's peak keeps the peak,
-  so no sample pools over an empty set.
-- Alignment A_v ~ A_s + A_d: the query encoder's map of v (with gradient) against the
-  key encoder's maps of the same clip's s and d (detached); the loss compares the maps
-  themselves, not projections, so the term trains f.
-- Batch norm (``dclr_dist.batchnorm``): each encoder runs its backbone once per step over
-  all its views, and every BN layer normalises each view type (RGB, static, dynamic;
-  ``per_view_bn``) and each of ``bn_groups`` groups of videos apart. Per view type, because
-  dynamic views normalised with RGB statistics come out alike for every video and the
-  dynamic terms never learn (README, "Does DCLR follow the motion?"); in groups that differ
-  between the query and key encoders (queue mode), so a query and its positive key are
-  never normalised over the same videos, which blocks MoCo's batch-statistics shortcut on
-  any number of workers. Running statistics come from RGB clips only: evaluation and the
-  exported backbone normalise RGB clips as training did. ``per_view_bn=False`` is the
-  released code's joint statistics over all views (then the running statistics mix them,
-  consistently between training and evaluation).
-- In-batch mode (`in_batch=True`): the k-side views go through the query encoder with
-  gradient and the loss uses the global batch instead of queues; the key encoder then
-  only provides activation maps and neighbour-search probes.
+Decisions (docs/design.md: section 1 the maps, pooling and alignment; section 3 batch norm;
+section 8 every difference from the released code): activation maps from the key encoder
+without gradient; soft pooling or a decoupling threshold; L_align on the maps themselves;
+one backbone pass per encoder with batch norm per view type and group; in-batch mode
+sends the k-side views through the query encoder.
 """
 
 import copy

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import shutil
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 
 from dclr_dist.shard import synth
+from dclr_dist.shard.__main__ import _synth_parser
+from dclr_dist.shard.__main__ import main as shard_main
 
 # Small but complete: every motion, both splits, several scenes per pool.
 SMALL = dict(num_classes=8, train_per_class=3, test_per_class=2, train_scenes=3, test_scenes=2,
@@ -176,16 +177,13 @@ def test_invalid_arguments(tmp_path, override, error, message):
 
 
 def test_command_line(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
-    defaults = parser.parse_args(["--output", "x"])
+    defaults = _synth_parser().parse_args(["--output", "x"])
     assert (defaults.classes, defaults.frames, defaults.size) == (6, 48, 128)
-    args = parser.parse_args(["--output", str(tmp_path / "c"), "--classes", "2", "--train-per-class", "2",
-                              "--test-per-class", "1", "--train-scenes", "2", "--test-scenes", "1",
-                              "--frames", "16", "--size", "32", "--fps", "25", "--seed", "0", "--workers", "1"])
-    assert synth.run(args) == 0
+    assert shard_main(["synth", "--output", str(tmp_path / "c"), "--classes", "2", "--train-per-class", "2",
+                       "--test-per-class", "1", "--train-scenes", "2", "--test-scenes", "1",
+                       "--frames", "16", "--size", "32", "--fps", "25", "--seed", "0", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "4 train + 2 test videos" in out and str(tmp_path / "c" / "manifest.csv") in out
     assert len(_rows(tmp_path / "c" / "manifest.csv")) == 6
-    assert synth.run(parser.parse_args(["--output", str(tmp_path / "d"), "--classes", "99"])) == 1
+    assert shard_main(["synth", "--output", str(tmp_path / "d"), "--classes", "99"]) == 1
     assert "num_classes must be between 1 and 8" in capsys.readouterr().err

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dclr_dist.config import load_config
+from dclr_dist.config import RECIPES, load_config
+from dclr_dist import sweep
+from dclr_dist.sweep import load_space
 from test_train import TINY, shards  # noqa: F401  (the module-scoped shard fixture)
 
 REPO = Path(__file__).resolve().parents[1]
+SWEEP = [sys.executable, "-m", "dclr_dist.sweep"]
 SPACE = {"loss.tau": {"loguniform": [0.05, 0.2]}, "model.threshold": {"choice": [None, 1.0]},
          "loss.w_s": {"uniform": [0.0, 1.0]}}
 # One 1-CPU worker per trial, two epochs: ASHA may stop a trial after the first.
@@ -28,8 +31,7 @@ TRIAL = [o for o in TINY if not o.startswith("train.workers")] + ["train.workers
 def _args(shards, tmp_path, *extra):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    return [sys.executable, str(REPO / "tune" / "search.py"), "--space", str(space), "--config",
-            str(REPO / "dclr_dist" / "configs" / "demo.yaml"), "--storage", str(tmp_path / "sweeps"), "--name", "s",
+    return [*SWEEP, "--space", str(space), "--config", "demo", "--storage", str(tmp_path / "sweeps"), "--name", "s",
             *extra, *TRIAL, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]"]
 
 
@@ -92,6 +94,33 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(shards, tmp_p
 def test_invalid_space_is_a_clear_error(tmp_path, space, message):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
-    r = subprocess.run([sys.executable, str(REPO / "tune" / "search.py"), "--space", str(path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*SWEEP, "--space", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "space.yaml" in r.stderr and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a folder; give the path of a YAML search space file"),
+    (lambda p: p.write_bytes(b"loss.tau: {uniform: [0.1, 0.2]}\n# caf\xe9\n"), "not UTF-8 text"),
+    (lambda p: p.write_text("loss.tau: {uniform: [0.1, 0.2]}\nloss.tau: {uniform: [0.2, 0.3]}\n"),
+     "line 2: duplicate key 'loss.tau' (first at line 1)"),
+])
+def test_unreadable_space_is_a_clear_error(tmp_path, make, message):
+    """The space is read like a config (``read_yaml``): each problem names the file, no traceback."""
+    path = tmp_path / "space.yaml"
+    make(path)
+    r = subprocess.run([*SWEEP, "--space", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {path}: ") and message in r.stderr, r.stderr
+
+
+def test_shipped_space_and_old_script_path(tmp_path):
+    """The default space ships with the package, and ``python tune/search.py`` (a shim) still runs the
+    sweep's command line from any directory; resuming nothing is an error, not a traceback."""
+    base = load_config(RECIPES / "demo.yaml", ["eval.every=1"])
+    assert set(load_space(sweep.SPACE, base)) >= {"loss.tau", "train.lr"}
+    r = subprocess.run([sys.executable, str(REPO / "tune" / "search.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "dclr-tune" in r.stdout and "--space" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "tune" / "search.py"), "--resume", "--storage",
+                        str(tmp_path / "sweeps"), "--name", "none"], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "error: no sweep to resume at" in r.stderr, r.stderr[-3000:]

@@ -168,17 +168,69 @@ def _pack(argv: list[str]) -> int:
     return 0
 
 
-def _synth(argv: list[str]) -> int:
-    from dclr_dist.shard import synth
+def _synth_parser() -> argparse.ArgumentParser:
+    from dclr_dist.shard.synth import MIN_FRAMES, MOTIONS, write_corpus
 
+    d = write_corpus.__kwdefaults__
     p = argparse.ArgumentParser(
         prog="python -m dclr_dist.shard synth",
         description="Write the synthetic scene-bias corpus: class folders of mp4s where the class is the "
                     "motion of a foreground object and the background scene is drawn independently of "
                     "the class, from train and test scene pools that do not overlap. Pack it with "
                     "`python -m dclr_dist.shard --input OUT/manifest.csv --split train ...`.")
-    synth.add_arguments(p)
-    return synth.run(p.parse_args(argv))
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder to write: DIR/train/<motion>/*.mp4, DIR/test/<motion>/*.mp4 and "
+                        "DIR/manifest.csv (path,label,split,scene); re-running completes an "
+                        "interrupted corpus")
+    p.add_argument("--classes", type=int, default=d["num_classes"], metavar="N",
+                   help=f"number of motion classes, the first N of: {', '.join(MOTIONS)} "
+                        f"(default {d['num_classes']})")
+    p.add_argument("--train-per-class", type=int, default=d["train_per_class"], metavar="N",
+                   help=f"training videos per class (default {d['train_per_class']})")
+    p.add_argument("--test-per-class", type=int, default=d["test_per_class"], metavar="N",
+                   help=f"test videos per class (default {d['test_per_class']})")
+    p.add_argument("--train-scenes", type=int, default=d["train_scenes"], metavar="N",
+                   help=f"size of the pool of background scenes for training videos, ids 0..N-1 "
+                        f"(default {d['train_scenes']})")
+    p.add_argument("--test-scenes", type=int, default=d["test_scenes"], metavar="N",
+                   help=f"size of the pool for test videos, the ids after the training pool, so "
+                        f"no test video shows a training scene (default {d['test_scenes']})")
+    p.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
+                   help="validation videos per class, in scenes of their own (default: none)")
+    p.add_argument("--val-scenes", type=int, default=d["val_scenes"], metavar="N",
+                   help="size of the pool for validation videos, after the test pool (default: none)")
+    p.add_argument("--frames", type=int, default=d["frames"],
+                   help=f"frames per video, at least {MIN_FRAMES}; 32 hold one 16-frame clip at "
+                        f"stride 2 (default {d['frames']})")
+    p.add_argument("--size", type=int, default=d["size"], metavar="PIXELS",
+                   help=f"frame width and height, even (default {d['size']})")
+    p.add_argument("--fps", type=int, default=d["fps"],
+                   help=f"frame rate written in the files; motion is defined per frame "
+                        f"(default {d['fps']})")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"the same seed and options write byte-identical files (default {d['seed']})")
+    p.add_argument("--workers", type=int, default=d["workers"],
+                   help=f"processes rendering and encoding in parallel (default {d['workers']})")
+    return p
+
+
+def _synth(argv: list[str]) -> int:
+    from dclr_dist.shard.synth import write_corpus
+
+    args = _synth_parser().parse_args(argv)
+    try:
+        manifest = write_corpus(
+            args.output, num_classes=args.classes, train_per_class=args.train_per_class,
+            test_per_class=args.test_per_class, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
+            val_per_class=args.val_per_class, val_scenes=args.val_scenes, frames=args.frames, size=args.size,
+            fps=args.fps, seed=args.seed, workers=args.workers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"synthetic corpus: {args.classes * args.train_per_class} train + "
+          f"{args.classes * args.test_per_class} test videos, {args.classes} motion classes, "
+          f"{args.train_scenes} train + {args.test_scenes} test scenes; manifest {manifest}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,13 @@ clip-contrastive model learns the scene. This corpus makes that setting measurab
 - ``manifest.csv`` records each video's scene, so an evaluation can probe for the motion
   label and for the scene label on the same features.
 
+Command line: ``python -m dclr_dist.shard synth`` (``dclr_dist/shard/__main__.py``).
+
 The same arguments write byte-identical files. Every random draw comes from a generator
 keyed by (seed, stream, ids); x264 runs on one thread (its output depends on the thread
 count) and without macroblock-tree rate control (which made it nondeterministic), and the
-container leaves out library versions and creation time. So that the
+container leaves out library versions and creation time (``transcode.deterministic_x264``,
+the recipe the shards use too). So that the
 bytes also agree between machines, pixel arithmetic avoids what varies with the CPU's
 vector instructions: no array-wide sin/exp (per-frame scalars go through ``math``), no
 reductions, and RGB->YUV is computed here rather than by swscale's SIMD paths.
@@ -24,11 +27,9 @@ reductions, and RGB->YUV is computed here rather than by swscale's SIMD paths.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +39,8 @@ import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from tqdm import tqdm
+
+from dclr_dist.shard.transcode import MP4_BITEXACT, deterministic_x264
 
 MOTIONS = ("move_right", "move_left", "move_up", "move_down",
            "orbit_cw", "orbit_ccw", "zoom_in", "zoom_out")
@@ -370,22 +373,14 @@ def _write_video(path: Path, video: _Video, seed: int, frames: int, size: int, f
     planes = _to_yuv420p(rgb)
     tmp = path.with_name(path.name + ".part")
     try:
-        # +bitexact leaves library versions and a creation time out of the container.
-        with av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+        with av.open(str(tmp), "w", format="mp4", options=dict(MP4_BITEXACT)) as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.width = stream.height = size
             stream.pix_fmt = "yuv420p"
             ctx = stream.codec_context
             ctx.color_range, ctx.colorspace = ColorRange.MPEG, Colorspace.ITU601  # what _to_yuv420p wrote
             ctx.flags |= av.codec.context.Flags.bitexact
-            # x264's output depends on its thread count, which would otherwise follow the
-            # machine's cores; parallelism comes from the worker processes instead.
-            ctx.thread_count = 1
-            # With macroblock-tree rate control on, x264 (core 165, one thread) wrote two
-            # different bitstreams for the same frames in ~1 of 10 runs, depending on what
-            # the process had allocated before; without it, every run is identical.
-            stream.options = {"crf": str(CRF), "preset": PRESET,
-                              "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1:mbtree=0"}
+            deterministic_x264(stream, crf=CRF, preset=PRESET, gop=GOP)  # the recipe shards use too
             for t, plane in enumerate(planes):
                 frame = av.VideoFrame.from_ndarray(plane, format="yuv420p")
                 frame.pts = t
@@ -394,59 +389,3 @@ def _write_video(path: Path, video: _Video, seed: int, frames: int, size: int, f
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------- command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the options of ``python -m dclr_dist.shard synth`` on ``parser``."""
-    d = write_corpus.__kwdefaults__
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="folder to write: DIR/train/<motion>/*.mp4, DIR/test/<motion>/*.mp4 and "
-                             "DIR/manifest.csv (path,label,split,scene); re-running completes an "
-                             "interrupted corpus")
-    parser.add_argument("--classes", type=int, default=d["num_classes"], metavar="N",
-                        help=f"number of motion classes, the first N of: {', '.join(MOTIONS)} "
-                             f"(default {d['num_classes']})")
-    parser.add_argument("--train-per-class", type=int, default=d["train_per_class"], metavar="N",
-                        help=f"training videos per class (default {d['train_per_class']})")
-    parser.add_argument("--test-per-class", type=int, default=d["test_per_class"], metavar="N",
-                        help=f"test videos per class (default {d['test_per_class']})")
-    parser.add_argument("--train-scenes", type=int, default=d["train_scenes"], metavar="N",
-                        help=f"size of the pool of background scenes for training videos, ids 0..N-1 "
-                             f"(default {d['train_scenes']})")
-    parser.add_argument("--test-scenes", type=int, default=d["test_scenes"], metavar="N",
-                        help=f"size of the pool for test videos, the ids after the training pool, so "
-                             f"no test video shows a training scene (default {d['test_scenes']})")
-    parser.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
-                        help="validation videos per class, in scenes of their own (default: none)")
-    parser.add_argument("--val-scenes", type=int, default=d["val_scenes"], metavar="N",
-                        help="size of the pool for validation videos, after the test pool (default: none)")
-    parser.add_argument("--frames", type=int, default=d["frames"],
-                        help=f"frames per video, at least {MIN_FRAMES}; 32 hold one 16-frame clip at "
-                             f"stride 2 (default {d['frames']})")
-    parser.add_argument("--size", type=int, default=d["size"], metavar="PIXELS",
-                        help=f"frame width and height, even (default {d['size']})")
-    parser.add_argument("--fps", type=int, default=d["fps"],
-                        help=f"frame rate written in the files; motion is defined per frame "
-                             f"(default {d['fps']})")
-    parser.add_argument("--seed", type=int, default=d["seed"],
-                        help=f"the same seed and options write byte-identical files (default {d['seed']})")
-    parser.add_argument("--workers", type=int, default=d["workers"],
-                        help=f"processes rendering and encoding in parallel (default {d['workers']})")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the corpus described by parsed ``add_arguments`` options; print a summary line."""
-    try:
-        manifest = write_corpus(
-            args.output, num_classes=args.classes, train_per_class=args.train_per_class,
-            test_per_class=args.test_per_class, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
-            val_per_class=args.val_per_class, val_scenes=args.val_scenes, frames=args.frames, size=args.size, fps=args.fps, seed=args.seed, workers=args.workers)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"synthetic corpus: {args.classes * args.train_per_class} train + "
-          f"{args.classes * args.test_per_class} test videos, {args.classes} motion classes, "
-          f"{args.train_scenes} train + {args.test_scenes} test scenes; manifest {manifest}")
-    return 0

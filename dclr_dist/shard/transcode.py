@@ -22,6 +22,29 @@ from dclr_dist import storage
 from dclr_dist.config import ShardConfig
 
 
+# The same frames make the same mp4 bytes, on any machine (shards here, the synthetic corpus
+# in synth.py): resumed packing and byte-identical corpora rely on it.
+# +bitexact keeps library versions and timestamps out of the container.
+MP4_BITEXACT = {"fflags": "+bitexact"}
+
+
+def deterministic_x264(stream, *, crf: int, preset: str, gop: int, tune: str | None = None) -> None:
+    """Set a ``libx264`` output stream to encode deterministically: quality ``crf`` at
+    ``preset``, a keyframe exactly every ``gop`` frames (no scene-cut keyframes), ``tune``
+    if given. Open the container with ``options=dict(MP4_BITEXACT)``."""
+    # One thread per encode: x264's output depends on its thread count, which would make
+    # output differ between machines; parallelism comes from encoding many videos at once.
+    # mbtree=0: with macroblock-tree rate control, x264's SIMD lookahead reads uninitialised
+    # memory and one encode in ten to fifty differed, depending on what the process had
+    # allocated before (measured: 40 of 40 identical without it); it costs a few % size.
+    stream.codec_context.thread_count = 1
+    options = {"crf": str(crf), "preset": preset,
+               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:mbtree=0"}
+    if tune is not None:
+        options["tune"] = tune
+    stream.options = options
+
+
 @dataclass
 class Encoded:
     mp4: bytes
@@ -165,21 +188,11 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     width, height = _output_size(ctx.width, ctx.height, cfg.short_side)
 
     buf = io.BytesIO()
-    # +bitexact keeps library versions and timestamps out of the file: same input, same bytes.
-    out = av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"})
+    out = av.open(buf, mode="w", format="mp4", options=dict(MP4_BITEXACT))
     vout = out.add_stream("libx264", rate=out_rate)
     vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
     vout.codec_context.gop_size = cfg.gop
-    # One thread per encode: x264's output depends on its thread count, which would make
-    # shards differ between machines; we get parallelism from encoding many videos at once.
-    # mbtree=0: with it, x264's SIMD lookahead reads uninitialised memory and one encode in
-    # ten to fifty differed (measured: 40 of 40 identical without it); it costs a few % size.
-    vout.codec_context.thread_count = 1
-    options = {"crf": str(cfg.crf), "preset": cfg.preset,
-               "x264-params": f"keyint={cfg.gop}:min-keyint={cfg.gop}:scenecut=0:threads=1:mbtree=0"}
-    if cfg.tune is not None:
-        options["tune"] = cfg.tune
-    vout.options = options
+    deterministic_x264(vout, crf=cfg.crf, preset=cfg.preset, gop=cfg.gop, tune=cfg.tune)
 
     frame_tb = 1 / out_rate
     written = seen = 0
