@@ -171,7 +171,7 @@ def log_step(engine, losses: dict, local: dict, cfg: Config, device: torch.devic
 
 def monitor(engine, cfg: Config, device: torch.device, rank: int, world: int, epoch: int) -> float:
     """The query backbone's leave-one-out k-NN accuracy on data.eval, over every rank."""
-    from dclr_dist.eval import knn_monitor
+    from dclr_dist.evaluation.probes import knn_monitor
 
     acc = knn_monitor(engine.module.encoder_q.f, cfg, device, rank, world)
     if rank == 0:

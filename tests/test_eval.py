@@ -23,8 +23,9 @@ from dclr_dist import data, storage
 from dclr_dist.checkpoint import CheckpointError
 from dclr_dist.config import load_config
 from dclr_dist.data import DataError
-from dclr_dist.eval import (L2_GRID, EvalError, Features, choose_l2, evaluate, extract, extract_on_workers, knn_predict,
-                            knn_retrieval, linear_probe, nearest, scene_probe)
+from dclr_dist.eval import EvalError, evaluate
+from dclr_dist.evaluation.features import Features, extract, extract_on_workers
+from dclr_dist.evaluation.probes import L2_GRID, choose_l2, knn_predict, knn_retrieval, linear_probe, nearest, scene_probe
 from dclr_dist.model import backbone, gap
 from conftest import local_ray, pack_synthetic
 from test_data import tar_members, write_tar
