@@ -25,7 +25,7 @@ measured): that rate divided by the DCLR samples one core decodes per CPU-second
 
 (a) this pipeline, ``train_loader`` with no DataLoader workers: shards from local disk,
     then from a moto S3 server (a separate process, so its CPU is not charged here).
-    ``views.where: device``, the default for GPU nodes: the process reads, decodes and
+    ``views.augment_on: device``, the default for GPU nodes: the process reads, decodes and
     batches the frames; crops, colour augmentation and the static/dynamic views run on the
     accelerator. The "views on this CPU" row runs those in the process too (``where:
     worker``: their cost when there is no accelerator).
@@ -141,7 +141,7 @@ def run_pipeline(dcfg: DataConfig, vcfg: ViewsConfig) -> int:
     for batch in loader:
         skipped += int(batch["skipped_samples"])
         # where: device: the views would run on the accelerator after the copy, so not here.
-        assert (batch["q"].dtype == torch.uint8) == (vcfg.where == "device")
+        assert (batch["q"].dtype == torch.uint8) == (vcfg.augment_on == "device")
     if skipped:
         raise SystemExit(f"the pipeline skipped {skipped} samples of a clean corpus")
     return len(loader)
@@ -149,7 +149,7 @@ def run_pipeline(dcfg: DataConfig, vcfg: ViewsConfig) -> int:
 
 def pipeline_rate(shards: Path | str, seconds: float, workers: int = 0, batch_size: int = 8,
                   vcfg: ViewsConfig | None = None, epoch_batches: int | None = None) -> dict:
-    """DCLR samples/s of this pipeline on local shards for a fixed time (views.where: device).
+    """DCLR samples/s of this pipeline on local shards for a fixed time (views.augment_on: device).
 
     workers=0: this process alone (decoding in its own thread: set torch's threads to 1
     first); workers=W: W DataLoader worker processes, one per core. Epochs of
@@ -163,7 +163,7 @@ def pipeline_rate(shards: Path | str, seconds: float, workers: int = 0, batch_si
     vcfg = vcfg or ViewsConfig()
     streams = max(1, workers)
     per_epoch = epoch_batches or 250 * streams
-    dcfg = DataConfig(train=[str(shards)], batch_size=batch_size, workers=workers, epoch_batches=per_epoch)
+    dcfg = DataConfig(train=[str(shards)], batch_size=batch_size, loader_workers=workers, epoch_batches=per_epoch)
     wall = cpu = 0.0
     batches = epoch = 0
     while wall < seconds:
@@ -288,7 +288,7 @@ def main() -> None:
     gop = ShardConfig().gop
     batches = args.passes * len(samples) // args.batch_size
     clips = 2 * batches * args.batch_size
-    local = DataConfig(train=[str(shards)], batch_size=args.batch_size, workers=0, epoch_batches=batches)
+    local = DataConfig(train=[str(shards)], batch_size=args.batch_size, loader_workers=0, epoch_batches=batches)
     remote = dataclasses.replace(local, train=["s3://bench/shards"])
     rng = np.random.default_rng(0)
     sizes = sorted({f"{r['width']}x{r['height']}" for _, _, r in samples})
@@ -311,7 +311,7 @@ def main() -> None:
             "(a) pipeline, local shards": (clips, args.repeats, lambda: run_pipeline(local, vcfg)),
             "(a) pipeline, S3 (moto)": (clips, args.repeats, lambda: run_pipeline(remote, vcfg)),
             "(a) + views on this CPU (where: worker)": (clips, 1, lambda: run_pipeline(
-                local, dataclasses.replace(vcfg, where="worker"))),
+                local, dataclasses.replace(vcfg, augment_on="worker"))),
             "(b) naive: mp4 files, full decode, cut": (2 * len(files) * args.passes, 1, lambda: [
                 naive(files, frames, vcfg, rng) for _ in range(args.passes)]),
             "(c) decode ceiling": (2 * len(samples) * args.passes, args.repeats, lambda: [

@@ -146,7 +146,7 @@ def boundary_table(epochs: int = 4, step_s: float = 0.05) -> None:
                                 frames=32, size=64, progress=False)
         pack(str(manifest), f"{tmp}/train", ShardConfig(short_side=64, max_samples=16), split="train",
              progress=False)
-        d = DataConfig(train=[f"{tmp}/train"], batch_size=8, workers=2, prefetch=2, shuffle_buffer=32,
+        d = DataConfig(train=[f"{tmp}/train"], batch_size=8, loader_workers=2, prefetch=2, shuffle_buffer=32,
                        shuffle_initial=8)
         v = ViewsConfig(frames=8, stride=2, size=32)
         batches = data.batches_per_epoch(d, data.resolve_shards(d.train), 1)

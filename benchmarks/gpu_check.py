@@ -99,7 +99,7 @@ PHASES = ("views", "forward", "loss", "backward", "engine.step", "momentum")
 
 # The reduced form: the recipe's code paths at a size two CPU cores run in seconds.
 CPU_OVERRIDES = ("model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=64", "data.batch_size=4",
-                 "views.frames=4", "views.size=32", "train.precision=fp32")
+                 "views.frames=4", "views.size=32", "engine.precision=fp32")
 CPU_FRAME = (40, 48)
 GPU_FRAME = (128, 171)  # Kinetics' 4:3 at the packer's short side 128
 
@@ -178,7 +178,7 @@ def rows_to_run(switches: dict, cpu: bool, compile_on_cpu: bool, zero_stage: int
     rows.append(row("bn_sync=global (forced)", off + ["model.bn_sync=global"], force_sync=True,
                     note="synchronised BN code path on the world-1 group (the trainer sets none at world 1)"))
     other = 0 if zero_stage else 1  # the trainer's default stage against the old one
-    rows.append(row(f"zero_stage={other}", off + [f"train.zero_stage={other}"],
+    rows.append(row(f"zero_stage={other}", off + [f"engine.zero_stage={other}"],
                     note=f"the recipe has ZeRO {zero_stage}"))
     rows.append(row("compile", with_on("compile"), needs=("compile",)))
     present = [s for s in SWITCHES if s in switches]
@@ -284,7 +284,7 @@ def measure(row: dict, ctx) -> dict:
 
     args, device = ctx.args, ctx.device
     cfg = load_config(args.config, [*ctx.base_overrides, *row["overrides"]])
-    result = {"config": {"overrides": row["overrides"], "zero_stage": cfg.train.zero_stage,
+    result = {"config": {"overrides": row["overrides"], "zero_stage": cfg.engine.zero_stage,
                          **{s: getattr(cfg.train, s) for s in ctx.switches}}}
     torch.backends.cudnn.benchmark = False  # build() sets it where the config asks; never inherited
     gc.collect()
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
     ctx.args, ctx.device = args, device
     ctx.workdir = Path(args.workdir)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    ctx.base_overrides = [*(CPU_OVERRIDES if cpu else ()), "train.workers=1", *args.overrides]
+    ctx.base_overrides = [*(CPU_OVERRIDES if cpu else ()), "cluster.workers=1", *args.overrides]
     ctx.switches = available_switches()
     ctx.flops_per_step = None
     ctx.peak, peak_source = peak_tflops(device, args.peak_tflops)
@@ -619,12 +619,12 @@ def main(argv: list[str] | None = None) -> dict:
         "switches_missing": missing,
         "recipe": {"config": str(args.config), "overrides": ctx.base_overrides, "arch": cfg.model.arch,
                    "batch_size": cfg.data.batch_size, "frames": cfg.views.frames, "size": cfg.views.size,
-                   "source_frame": list(frame), "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
+                   "source_frame": list(frame), "precision": cfg.engine.precision, "zero_stage": cfg.engine.zero_stage,
                    "queue_size": cfg.loss.queue_size, "in_batch": cfg.loss.in_batch, "bn_groups": cfg.model.bn_groups,
-                   "bn_sync": cfg.model.bn_sync, "optimizer": cfg.train.optimizer,
+                   "bn_sync": cfg.model.bn_sync, "optimizer": cfg.optim.name,
                    "summary": f"{cfg.model.arch}, {cfg.data.batch_size} x {cfg.views.frames}x{cfg.views.size}x"
-                              f"{cfg.views.size} clips from {frame[0]}x{frame[1]} uint8 frames, {cfg.train.precision}, "
-                              f"ZeRO {cfg.train.zero_stage}, {backend} world 1, queue {cfg.loss.queue_size}, "
+                              f"{cfg.views.size} clips from {frame[0]}x{frame[1]} uint8 frames, {cfg.engine.precision}, "
+                              f"ZeRO {cfg.engine.zero_stage}, {backend} world 1, queue {cfg.loss.queue_size}, "
                               f"views on the {device.type}"},
         "step": {"rows": []}, "data": None, "checkpoint": None, "wall_s": 0.0,
     }
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
     def left() -> float:
         return float("inf") if budget is None else budget - (time.perf_counter() - start)
 
-    rows = rows_to_run(ctx.switches, cpu, args.compile_on_cpu, cfg.train.zero_stage) if "step" not in args.skip else []
+    rows = rows_to_run(ctx.switches, cpu, args.compile_on_cpu, cfg.engine.zero_stage) if "step" not in args.skip else []
     if args.only is not None:
         rows = [r for r in rows if r["name"] == "baseline" or r["name"] in args.only]
     # Compile rows last: their warm-up (compilation) is the one cost nobody can bound in advance.

@@ -1,7 +1,7 @@
 """Does it learn? A fast single-process loop for what-if questions about the recipe.
 
     python benchmarks/learning.py                                   # the demo's recipe, 300 steps
-    python benchmarks/learning.py train.optimizer=sgd train.lr=0.05  # the first demo's lr: collapse
+    python benchmarks/learning.py optim.name=sgd optim.lr=0.05  # the first demo's lr: collapse
     python benchmarks/learning.py model.per_view_bn=false            # the released code's joint BN
     python benchmarks/learning.py --baseline                         # plain clip contrast
     python benchmarks/learning.py --supervised views.jitter_p=0      # can the network learn the motion at all?
@@ -14,7 +14,7 @@ DeepSpeed, no decoding per step. Every 25 steps it prints each loss term's mean;
 the motion labels of the test split (unseen scenes), from 3 clips per video.
 
 The config is dclr_dist/configs/demo.yaml with the overrides given. The batch is the demo's global
-batch (data.batch_size x train.workers); the lr is train.lr scaled to it as the trainer
+batch (data.batch_size x cluster.workers); the lr is optim.lr scaled to it as the trainer
 does, held constant (no warm-up or schedule). The figures in the README's "Does DCLR
 follow the motion?" came from this script.
 """
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dclr_dist import views
 from dclr_dist.config import BASELINE, load_config
-from dclr_dist.engine import scaled_lr
+from dclr_dist.engine import make_optimizer, scaled_lr
 from dclr_dist.evaluation.probes import knn_predict, logistic_regression
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, gap
@@ -107,14 +107,11 @@ def main() -> None:
     head = torch.nn.Linear(model.encoder_q.g["vv"][0].in_features, len(train[2]))
     params = [*f.parameters(), *head.parameters()] if args.supervised else \
         [p for p in model.parameters() if p.requires_grad]
-    batch_size = cfg.data.batch_size * cfg.train.workers
-    lr = scaled_lr(cfg.train.lr, batch_size, cfg.train.ref_batch)
-    if cfg.train.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    batch_size = cfg.data.batch_size * cfg.cluster.workers
+    lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.ref_batch)
+    opt = make_optimizer(params, cfg, lr)
     print(f"{'supervised' if args.supervised else 'baseline' if args.baseline else 'DCLR'}: batch {batch_size}, "
-          f"{cfg.train.optimizer} lr {lr:g}, per_view_bn {cfg.model.per_view_bn}", flush=True)
+          f"{cfg.optim.name} lr {lr:g}, per_view_bn {cfg.model.per_view_bn}", flush=True)
 
     start, sums = time.perf_counter(), {}
     for step in range(1, args.steps + 1):

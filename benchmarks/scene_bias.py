@@ -67,7 +67,7 @@ from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, gap
 from dclr_dist.shard.synth import write_corpus
 from dclr_dist.demo import DEMO_CONFIG
-from dclr_dist.engine import lr_lambda
+from dclr_dist.engine import lr_lambda, make_optimizer, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def run(spec: tuple) -> dict:
     steps_per_epoch = n // B
     cfg.train.epochs = math.ceil(steps / steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr * B / cfg.train.ref_batch, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(params, cfg, scaled_lr(cfg.optim.lr, B, cfg.optim.ref_batch))  # AdamW: the demo recipe's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
     rng = np.random.default_rng([seed, 1])
     step, losses = 0, []

@@ -40,7 +40,7 @@ def plain_loop(cfg, epochs: int) -> list[float]:
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss))
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, batches))
     rates = []
     # One loader for the run, as the trainer's.
@@ -71,9 +71,9 @@ def main() -> None:
                             workers=os.cpu_count() or 1, progress=False)
     shard_cfg = load_config(DEMO_CONFIG).shard
     pack(str(manifest), str(root / "train"), shard_cfg, split="train", workers=os.cpu_count() or 1, progress=False)
-    cfg = load_config(DEMO_CONFIG, [f"data.train=[{root / 'train'}]", "train.workers=1", f"train.epochs={args.epochs}",
+    cfg = load_config(DEMO_CONFIG, [f"data.train=[{root / 'train'}]", "cluster.workers=1", f"train.epochs={args.epochs}",
                                     f"train.storage_path={root / 'runs'}", "train.name=bench",
-                                    f"train.checkpoint_every={args.epochs}", "eval.every=0", "data.eval=[]",
+                                    f"checkpoint.every={args.epochs}", "eval.every=0", "data.eval=[]",
                                     *args.overrides])
     torch.set_num_threads(1)  # a Ray worker with cpus_per_worker=1 gets one intra-op thread too
 

@@ -11,8 +11,8 @@ launcher would refuse, and what it would launch but that could never boot or hol
   ``s3_gateway_endpoint``): every node reaches what its setup commands fetch and S3, and
   Ray's launcher accepts the subnet.
 - Each pretraining config given (default: dclr_dist/configs/k400_r2plus1d.yaml) fits: its workers
-  per GPU node times ``train.cpus_per_worker`` within the node's CPUs, and enough GPU nodes
-  for ``train.workers``.
+  per GPU node times ``cluster.cpus_per_worker`` within the node's CPUs, and enough GPU nodes
+  for ``cluster.workers``.
 
 Prints one line per problem and exits 1 if there is any.
 """
@@ -122,24 +122,24 @@ def fit_problems(cfg: dict, config_path: str | Path) -> list[str]:
     """Does the pretraining config at ``config_path`` fit on the GPU node types of ``cfg``?"""
     from dclr_dist.config import load_config
 
-    train = load_config(config_path).train
+    cluster = load_config(config_path).cluster
     gpu_types = {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU", 0) > 0}
-    if train.gpus_per_worker <= 0:
-        return [f"{config_path}: train.gpus_per_worker is 0, a CPU config; this recipe is for GPU runs"]
+    if cluster.gpus_per_worker <= 0:
+        return [f"{config_path}: cluster.gpus_per_worker is 0, a CPU config; this recipe is for GPU runs"]
     if not gpu_types:
         return ["no node type offers GPUs"]
     problems, capacity = [], 0
     for name, node in gpu_types.items():
         res = node["resources"]
-        per_node = int(res["GPU"] // train.gpus_per_worker)
-        cpus = per_node * train.cpus_per_worker
+        per_node = int(res["GPU"] // cluster.gpus_per_worker)
+        cpus = per_node * cluster.cpus_per_worker
         if cpus > res.get("CPU", 0):
-            problems.append(f"{config_path}: {per_node} workers x train.cpus_per_worker {train.cpus_per_worker:g} "
+            problems.append(f"{config_path}: {per_node} workers x cluster.cpus_per_worker {cluster.cpus_per_worker:g} "
                             f"= {cpus:g} CPUs, but node type {name} has {res.get('CPU', 0)}: workers would wait "
                             "for CPUs that never come")
         capacity += per_node * min(node.get("max_workers", cfg["max_workers"]), cfg["max_workers"])
-    if capacity < train.workers:
-        problems.append(f"{config_path}: train.workers {train.workers}, but the GPU nodes hold {capacity} workers")
+    if capacity < cluster.workers:
+        problems.append(f"{config_path}: cluster.workers {cluster.workers}, but the GPU nodes hold {capacity} workers")
     return problems
 
 

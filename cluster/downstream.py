@@ -18,7 +18,7 @@ with dclr_dist/configs/downstream/r2plus1d_18.yaml on each fold, keeps its repor
 OUT/<dataset>-<fold>/ and prints the table; `all` packs and evaluates. Re-running is safe:
 the packer keeps a finished packing, and a fold whose report exists is not evaluated again
 (--force does). --dry-run prints the commands instead of running them. Arguments after `--`
-are config overrides for every evaluation (e.g. -- train.workers=8 eval.finetune_epochs=20).
+are config overrides for every evaluation (e.g. -- cluster.workers=8 finetune.epochs=20).
 """
 
 from __future__ import annotations

@@ -136,12 +136,12 @@ def resume_refusal(saved_workers: int, saved_stage: int, workers: int, stage: in
     conversion to its universal format; one stage's state does not load into another's.
     """
     if saved_stage != stage:
-        return (f"was written with train.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
-                f"optimizer state does not load into another's. Set train.zero_stage={saved_stage} to resume it")
+        return (f"was written with engine.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
+                f"optimizer state does not load into another's. Set engine.zero_stage={saved_stage} to resume it")
     if saved_workers != workers and stage:
         return (f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: "
-                f"ZeRO-{stage} optimizer shards do not re-partition (stage 0 runs resume at any train.workers). "
-                f"Set train.workers={saved_workers} to resume it")
+                f"ZeRO-{stage} optimizer shards do not re-partition (stage 0 runs resume at any cluster.workers). "
+                f"Set cluster.workers={saved_workers} to resume it")
     return None
 
 

@@ -16,16 +16,16 @@ from dclr_dist.config import Config
 
 def lr_lambda(cfg: Config, steps_per_epoch: int):
     """Multiplier of the base lr at optimizer step s: linear warm-up, then step or cosine."""
-    t = cfg.train
-    warmup = t.warmup_epochs * steps_per_epoch
-    total = t.epochs * steps_per_epoch
+    o = cfg.optim
+    warmup = o.warmup_epochs * steps_per_epoch
+    total = cfg.train.epochs * steps_per_epoch
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if t.schedule == "cosine":
+        if o.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-        return 0.1 ** sum(step >= m * steps_per_epoch for m in t.milestones)
+        return 0.1 ** sum(step >= m * steps_per_epoch for m in o.milestones)
 
     return f
 
@@ -38,19 +38,18 @@ BUCKET_ELEMENTS = 5_000_000
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
         # overlap_comm and the bucket size act at stages 1-2 (stage 0's all-reduce is
         # OverlappedAllReduce's); there overlap_comm defaults to off.
-        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": True, "reduce_bucket_size": BUCKET_ELEMENTS},
+        "zero_optimization": {"stage": cfg.engine.zero_stage, "overlap_comm": True, "reduce_bucket_size": BUCKET_ELEMENTS},
         # ZeRO with a torch.optim optimizer: no fused-Adam extension to compile on CPU nodes.
         "zero_allow_untested_optimizer": True,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 10**9,
     }
-    if t.precision == "bf16":
+    if cfg.engine.precision == "bf16":
         # Autocast keeps fp32 master weights and BN statistics; only the matmuls/convs run in bf16.
         # No lower-precision-safe modules: by default DeepSpeed marks Linear and Conv parameters
         # for bf16 gradient reduction under autocast (ZeRO 1-2), summing 32 ranks' gradients in
@@ -132,12 +131,12 @@ def build_method(cfg: Config, device: torch.device):
     from dclr_dist.loss import DCLRLoss
     from dclr_dist.model import DCLR
 
-    t = cfg.train
-    torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    e = cfg.engine
+    torch.backends.cudnn.benchmark = e.cudnn_benchmark
     model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch).to(device)
-    model.memory_format = torch.channels_last_3d if t.channels_last else torch.contiguous_format
+    model.memory_format = torch.channels_last_3d if e.channels_last else torch.contiguous_format
     set_sync(model, bn_group(cfg.model.bn_sync))
-    if t.compile:
+    if e.compile:
         model.compile_backbones()
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss)).to(device)
     return model, criterion
@@ -147,19 +146,22 @@ def build_engine(model, cfg: Config, world_size: int, steps_per_epoch: int):
     """The DeepSpeed engine training ``model``: optimizer, lr schedule, ZeRO stage, gradient reduction."""
     import deepspeed
 
-    t = cfg.train
-    lr = base_lr(cfg, world_size)
     params = [p for p in model.parameters() if p.requires_grad]  # the key encoder moves by momentum only
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, cfg, base_lr(cfg, world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), dist_init_required=False)
-    if t.zero_stage == 0:
+    if cfg.engine.zero_stage == 0:
         OverlappedAllReduce(engine, BUCKET_ELEMENTS)  # lives on in the parameters' hooks
     return engine
+
+
+def make_optimizer(params, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """optim.name's optimizer over ``params`` at ``lr``, with optim's momentum and weight decay."""
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
 
 
 def build(cfg: Config, world_size: int, steps_per_epoch: int, device: torch.device):
@@ -175,8 +177,8 @@ def scaled_lr(lr: float, global_batch: int, ref_batch: int) -> float:
 
 
 def base_lr(cfg: Config, world_size: int) -> float:
-    """train.lr for this run's global batch."""
-    return scaled_lr(cfg.train.lr, cfg.data.batch_size * world_size * cfg.train.grad_accum, cfg.train.ref_batch)
+    """optim.lr for this run's global batch."""
+    return scaled_lr(cfg.optim.lr, cfg.data.batch_size * world_size * cfg.train.grad_accum, cfg.optim.ref_batch)
 
 
 def seek_schedule(engine, cfg: Config, world_size: int, step: int) -> None:

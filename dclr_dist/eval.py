@@ -2,7 +2,7 @@
 
     python -m dclr_dist.eval --checkpoint runs/demo --train shards/demo/train --test shards/demo/test
     python -m dclr_dist.eval --checkpoint s3://bucket/runs/ucf/best --train s3://bucket/ucf101/train \\
-        --test s3://bucket/ucf101/test --protocol finetune train.workers=8 train.gpus_per_worker=1
+        --test s3://bucket/ucf101/test --protocol finetune cluster.workers=8 cluster.gpus_per_worker=1
 
 Protocols (Ding, Qian, Xiong, arXiv 2207.05340; docs/design.md, section 7): ``linear``, ``knn``,
 ``scene`` on frozen features (``dclr_dist.evaluation.probes`` on ``.features``), ``finetune`` on Ray
@@ -10,7 +10,7 @@ Train (``.finetune``); ``all``: each, ``scene`` only where the records carry sce
 a folder of ``python -m dclr_dist.train`` (``backbone.pt`` + ``meta.json``): a Ray checkpoint, a run's
 ``best/`` or the run folder (its ``best/``), local or s3://. The clip shape and normalisation come
 from the config saved with it (or ``--config``), so the backbone sees what it was trained on;
-``key=value`` overrides change the rest (``data.eval_clips=10 data.workers=4``). ``--out`` gets
+``key=value`` overrides change the rest (``data.eval_clips=10 data.loader_workers=4``). ``--out`` gets
 report.json, report.txt and plots (``.report``).
 """
 
@@ -141,7 +141,7 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
             report["protocols"]["linear"] = linear_probe(tr, te, classes, l2)
         if "knn" in protocols:
             on_device = [dataclasses.replace(s, x=s.x.to(device)) for s in (tr, te)]
-            report["protocols"]["knn"] = knn_retrieval(*on_device, classes, cfg.eval.k, cfg.eval.t,
+            report["protocols"]["knn"] = knn_retrieval(*on_device, classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
                                                        cfg.eval.recall_at, cfg.eval.chunk, progress=True)
         if "scene" in protocols:
             if tr.scenes is None and everything:
@@ -151,7 +151,7 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
     if "finetune" in protocols:
         classes = report.get("classes") or _classes(train, test, [])
         report.setdefault("classes", classes)
-        log(f"eval: fine-tuning on Ray Train ({cfg.train.workers} workers, {cfg.eval.finetune_epochs} epochs)")
+        log(f"eval: fine-tuning on Ray Train ({cfg.cluster.workers} workers, {cfg.finetune.epochs} epochs)")
         report["protocols"]["finetune"] = finetune(cfg, folder, test, classes)
     if out is not None:
         write_report(report, Path(out), log)
@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                "  scene     scene vs motion probes on the train split and the scene-swap test on the\n"
                "            unseen-scene test split (records must carry meta.scene: synthetic corpus)\n"
                "  finetune  backbone + linear layer trained end to end on Ray Train (RAY_ADDRESS, or a\n"
-               "            local cluster), train.workers workers; test with softmax averaged over clips\n"
+               "            local cluster), cluster.workers workers; test with softmax averaged over clips\n"
                "  all       all four (scene only where the records carry scenes)\n\n"
                "The clip shape comes from the checkpoint's saved config; override with key=value, e.g.\n"
-               "data.eval_clips=10 data.workers=4 eval.k=20 eval.finetune_epochs=10 train.workers=8.\n"
+               "data.eval_clips=10 data.loader_workers=4 eval.knn_k=20 finetune.epochs=10 cluster.workers=8.\n"
                "Features on the cluster's GPUs instead of this process: eval.workers=8 eval.gpus_per_worker=1.\n"
                "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
         formatter_class=argparse.RawDescriptionHelpFormatter)

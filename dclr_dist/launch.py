@@ -70,23 +70,23 @@ def failure_summary(e: Exception) -> str:
 
 def torch_trainer(loop, loop_config: dict, cfg: Config, name: str, callbacks: list | None = None,
                   keep_checkpoints: int | None = None, max_failures: int = 0):
-    """A TorchTrainer running ``loop(loop_config)`` on ``train.workers`` workers of the cluster in
-    RAY_ADDRESS (or a local one), each reserving ``train.cpus_per_worker`` CPUs and
-    ``train.gpus_per_worker`` GPUs (nccl when > 0, else gloo), its run ``name`` under
+    """A TorchTrainer running ``loop(loop_config)`` on ``cluster.workers`` workers of the cluster in
+    RAY_ADDRESS (or a local one), each reserving ``cluster.cpus_per_worker`` CPUs and
+    ``cluster.gpus_per_worker`` GPUs (nccl when > 0, else gloo), its run ``name`` under
     ``train.storage_path``, its workers given the driver's S3 settings."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     connect_ray()
-    t = cfg.train
-    use_gpu = t.gpus_per_worker > 0
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
-    storage_path, fs = storage.pyarrow_filesystem(t.storage_path)
+    c = cfg.cluster
+    use_gpu = c.gpus_per_worker > 0
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if use_gpu else {})}
+    storage_path, fs = storage.pyarrow_filesystem(cfg.train.storage_path)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, callbacks=callbacks or [], storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),

@@ -168,7 +168,7 @@ class DCLR(nn.Module):
         self.bn_groups = 1 if in_batch else bn_groups
         self.in_batch = in_batch
         self._inverse: dict[tuple, torch.Tensor] = {}  # cached output orders of _features
-        # Layout of the backbones' input batches (the trainer's train.channels_last). With
+        # Layout of the backbones' input batches (the trainer's engine.channels_last). With
         # torch.channels_last_3d (NDHWC, what cuDNN's tensor-core kernels work in) every
         # convolution, and so every activation, follows the input; the parameters keep theirs
         # (DeepSpeed broadcasts them as bytes and ZeRO 1-2 flatten them: they must stay NCDHW).
@@ -184,7 +184,7 @@ class DCLR(nn.Module):
     @classmethod
     def from_config(cls, cfg, in_batch: bool) -> "DCLR":
         """The model of a ``ModelConfig`` (bn_sync is the trainer's: it needs the process groups)."""
-        return cls(cfg.arch, cfg.width, cfg.dim, cfg.m, cfg.threshold, cfg.per_view_bn, cfg.bn_groups, in_batch)
+        return cls(cfg.arch, cfg.width, cfg.dim, cfg.momentum, cfg.threshold, cfg.per_view_bn, cfg.bn_groups, in_batch)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Under DeepSpeed bf16 the parameters are bf16 and the loader's views fp32.

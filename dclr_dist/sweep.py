@@ -112,10 +112,10 @@ def concurrency(cfg: Config, requested: int | None) -> int:
     import ray
 
     total = ray.cluster_resources()
-    if cfg.train.gpus_per_worker > 0:
-        fits = total.get("GPU", 0) // (cfg.train.workers * cfg.train.gpus_per_worker)
+    if cfg.cluster.gpus_per_worker > 0:
+        fits = total.get("GPU", 0) // (cfg.cluster.workers * cfg.cluster.gpus_per_worker)
     else:
-        fits = total.get("CPU", 1) // (cfg.train.workers * cfg.train.cpus_per_worker)
+        fits = total.get("CPU", 1) // (cfg.cluster.workers * cfg.cluster.cpus_per_worker)
     fits = max(1, int(fits))
     return min(fits, requested) if requested else fits
 

@@ -1,7 +1,7 @@
 """``python -m dclr_dist.train``: DCLR pretraining on Ray Train, one DeepSpeed engine per worker.
 
     python -m dclr_dist.train --config demo                     # the demo's recipe (shards must exist)
-    python -m dclr_dist.train --config dclr_dist/configs/ucf101_r2plus1d.yaml train.workers=16
+    python -m dclr_dist.train --config dclr_dist/configs/ucf101_r2plus1d.yaml cluster.workers=16
     ray job submit --working-dir . -- python -m dclr_dist.train --config k400_r2plus1d
 
 The driver (``fit``) validates the config and checks the shards before Ray starts a worker.
@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +32,20 @@ from dclr_dist.metrics import EpochMeter, MetricsLog, count_nodes, memory_mb, re
 # --------------------------------------------------------------------------- worker side
 
 
+@dataclass
+class Rank:
+    """One worker of the run: what each of its steps needs."""
+
+    cfg: Config
+    run_url: str
+    rank: int
+    world: int
+    device: torch.device
+    engine: Any
+    criterion: Any
+    log: MetricsLog | None = None
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry point: one rank of the pretraining job."""
     import ray.train
@@ -38,74 +54,77 @@ def train_loop(loop_config: dict) -> None:
     from dclr_dist import data
 
     cfg = config_from_dict(loop_config["config"], where="train_loop_config")
-    run_url = loop_config["run_url"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    world, device = ctx.get_world_size(), ray.train.torch.get_device()
     # Initial weights from the run's seed (DeepSpeed also broadcasts rank 0's); augmentation
     # randomness comes from data.seed, the epoch and the stream, not from torch's RNG.
     torch.manual_seed(cfg.train.seed)
-
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
     steps_per_epoch = max(1, batches // cfg.train.grad_accum)
-    engine, criterion = build(cfg, world, steps_per_epoch, device)
+    r = Rank(cfg, loop_config["run_url"], ctx.get_world_rank(), world, device,
+             *build(cfg, world, steps_per_epoch, device))
     # best/ keeps the epoch with the highest k-NN accuracy on data.eval where it is measured
     # (eval.every; contrastive losses are not comparable across temperatures), else the lowest loss.
     ranking = "knn_acc" if cfg.eval.every else "loss"
-    start_epoch, best, finished = resume(engine, criterion, cfg, run_url, world, steps_per_epoch, ranking)
+    start_epoch, best, finished = resume(r, steps_per_epoch, ranking)
     if finished is not None:
         # Already finished (e.g. a sweep retried after the run ended): report its final
         # metrics again so the caller (Tune) sees the result instead of nothing.
         ray.train.report(finished)
         return
-
-    log = MetricsLog(run_url) if rank == 0 else None
-    if log is not None and start_epoch:
-        log.write("resume", start_epoch, {"epoch": start_epoch})
-        print(f"resumed {run_url} after epoch {start_epoch}", flush=True)
-    nodes = count_nodes()
-    step = start_epoch * steps_per_epoch
-    last_checkpoint = time.monotonic()
+    r.log = MetricsLog(r.run_url) if r.rank == 0 else None
+    if r.log is not None and start_epoch:
+        r.log.write("resume", start_epoch, {"epoch": start_epoch})
+        print(f"resumed {r.run_url} after epoch {start_epoch}", flush=True)
+    nodes, step, last_checkpoint = count_nodes(), start_epoch * steps_per_epoch, time.monotonic()
     # One loader for the run: its workers stream on across epoch boundaries (no fork, no refill).
-    it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epoch=start_epoch,
+    it = iter(data.train_loader(cfg.data, cfg.views, rank=r.rank, world_size=world, epoch=start_epoch,
                                 epochs=cfg.train.epochs - start_epoch))
     for epoch in range(start_epoch, cfg.train.epochs):
         meter = EpochMeter()
-        step = run_epoch(engine, criterion, it, batches, cfg, device, epoch, step, meter, log)
+        step = run_epoch(r, it, batches, epoch, step, meter)
         # Rank 0's clock decides a checkpoint by time for every rank, carried by the epoch's sum:
         # clocks and epoch ends differ between ranks, and ranks that disagree would hang in report.
-        due = rank == 0 and cfg.train.checkpoint_minutes is not None and \
-            time.monotonic() - last_checkpoint >= 60 * cfg.train.checkpoint_minutes
+        due = r.rank == 0 and cfg.checkpoint.minutes is not None and \
+            time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint.minutes
         metrics, flags = meter.epoch(batches, device, {"checkpoint_due": due})
-        metrics.update({"epoch": epoch + 1, "step": step, "lr": engine.get_lr()[0], "world_size": world,
-                        "zero_stage": cfg.train.zero_stage, "nodes": nodes,
-                        "queue_filled": int(criterion.queue_filled)})
-        last = epoch + 1 == cfg.train.epochs
-        if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
-            metrics["knn_acc"] = monitor(engine, cfg, device, rank, world, epoch)
-        value = metrics.get(ranking)
-        if value is not None and (best["value"] is None or
-                                  (value > best["value"] if ranking == "knn_acc" else value < best["value"])):
-            best = {"metric": ranking, "value": value}
-            if rank == 0:
-                save_best(engine, cfg, world, epoch, run_url, metrics)
-        if log is not None:
-            log.write("epoch", epoch + 1, metrics)
-            log.sync()
-        every = cfg.train.checkpoint_every
-        if last or (every and (epoch + 1) % every == 0) or flags["checkpoint_due"]:
-            report_with_checkpoint(engine, criterion, cfg, epoch, best, world, rank, run_url, metrics)
+        metrics.update({"epoch": epoch + 1, "step": step, "lr": r.engine.get_lr()[0], "world_size": world,
+                        "zero_stage": cfg.engine.zero_stage, "nodes": nodes,
+                        "queue_filled": int(r.criterion.queue_filled)})
+        if end_epoch(r, epoch, metrics, best, flags["checkpoint_due"]):
             last_checkpoint = time.monotonic()
-        else:
-            # In the background too: reports are delivered in order, so a synchronous one would
-            # wait for the previous checkpoint's upload.
-            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
-    if log is not None:
-        log.close()
+    if r.log is not None:
+        r.log.close()
 
 
-def resume(engine, criterion, cfg: Config, run_url: str, world: int, steps_per_epoch: int,
-           ranking: str) -> tuple[int, dict, dict | None]:
+def end_epoch(r: Rank, epoch: int, metrics: dict, best: dict, checkpoint_due: bool) -> bool:
+    """Measure (k-NN monitor), rank best/ (``best`` is updated in place), log, then checkpoint or
+    report the epoch; True if it checkpointed."""
+    import ray.train
+
+    cfg, last = r.cfg, epoch + 1 == r.cfg.train.epochs
+    if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
+        metrics["knn_acc"] = monitor(r, epoch)
+    value, ranking = metrics.get(best["metric"]), best["metric"]
+    if value is not None and (best["value"] is None or
+                              (value > best["value"] if ranking == "knn_acc" else value < best["value"])):
+        best["value"] = value
+        if r.rank == 0:
+            save_best(r.engine, cfg, r.world, epoch, r.run_url, metrics)
+    if r.log is not None:
+        r.log.write("epoch", epoch + 1, metrics)
+        r.log.sync()
+    every = cfg.checkpoint.every
+    if last or (every and (epoch + 1) % every == 0) or checkpoint_due:
+        report_with_checkpoint(r.engine, r.criterion, cfg, epoch, best, r.world, r.rank, r.run_url, metrics)
+        return True
+    # In the background too: reports are delivered in order, so a synchronous one would wait for
+    # the previous checkpoint's upload.
+    ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    return False
+
+
+def resume(r: Rank, steps_per_epoch: int, ranking: str) -> tuple[int, dict, dict | None]:
     """(first epoch to run, best so far, the final metrics if the run had already finished) from
     the checkpoint Ray Train restored, if any; engine, queues and lr schedule are loaded."""
     import ray.train
@@ -116,32 +135,33 @@ def resume(engine, criterion, cfg: Config, run_url: str, world: int, steps_per_e
         return 0, best, None
     with checkpoint.as_directory() as d:
         meta = json.loads((Path(d) / "meta.json").read_text())
-        why = resume_refusal(meta["world_size"], meta["config"]["train"]["zero_stage"], world, cfg.train.zero_stage)
+        saved = config_from_dict(meta["config"], where=f"{r.run_url} checkpoint's meta.json")  # older keys migrated
+        why = resume_refusal(meta["world_size"], saved.engine.zero_stage, r.world, r.cfg.engine.zero_stage)
         if why:
-            raise RuntimeError(f"the checkpoint in {run_url} {why}, or choose a new train.name to start afresh.")
-        client = load_checkpoint(engine, d, storage.join(run_url, Path(checkpoint.path).name))
-    criterion.load_state_dict(client["criterion"])
+            raise RuntimeError(f"the checkpoint in {r.run_url} {why}, or choose a new train.name to start afresh.")
+        client = load_checkpoint(r.engine, d, storage.join(r.run_url, Path(checkpoint.path).name))
+    r.criterion.load_state_dict(client["criterion"])
     start_epoch = client["epoch"] + 1
-    seek_schedule(engine, cfg, world, start_epoch * steps_per_epoch)
+    seek_schedule(r.engine, r.cfg, r.world, start_epoch * steps_per_epoch)
     # A run resumed with another eval.every ranks afresh, as does one checkpointed before
     # best/ was ranked by k-NN (its "best" is a bare loss).
     if isinstance(client["best"], dict) and client["best"]["metric"] == ranking:
         best = client["best"]
-    return start_epoch, best, client["metrics"] if start_epoch >= cfg.train.epochs else None
+    return start_epoch, best, client["metrics"] if start_epoch >= r.cfg.train.epochs else None
 
 
-def run_epoch(engine, criterion, it, batches: int, cfg: Config, device: torch.device, epoch: int, step: int,
-              meter: EpochMeter, log: MetricsLog | None) -> int:
+def run_epoch(r: Rank, it, batches: int, epoch: int, step: int, meter: EpochMeter) -> int:
     """Train on ``batches`` batches of ``it``, counting into ``meter``; returns the optimizer step reached."""
     from dclr_dist import data
 
+    engine, criterion = r.engine, r.criterion
     engine.train()
     criterion.train()
     for _ in range(batches):
         t0 = time.perf_counter()
         batch = next(it)
         meter.batch(batch, time.perf_counter() - t0)
-        losses = criterion(engine(data.to_device(batch, device, cfg.views)))
+        losses = criterion(engine(data.to_device(batch, r.device, r.cfg.views)))
         engine.backward(losses["loss"])
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
@@ -149,33 +169,32 @@ def run_epoch(engine, criterion, it, batches: int, cfg: Config, device: torch.de
             engine.module.momentum_update()
             step += 1
         meter.losses(losses)
-        if boundary and step % cfg.train.log_every == 0:
-            log_step(engine, losses, meter.window(), cfg, device, epoch, step, log)
+        if boundary and step % r.cfg.train.log_every == 0:
+            log_step(r, losses, meter.window(), epoch, step)
     return step
 
 
-def log_step(engine, losses: dict, local: dict, cfg: Config, device: torch.device, epoch: int, step: int,
-             log: MetricsLog | None) -> None:
+def log_step(r: Rank, losses: dict, local: dict, epoch: int, step: int) -> None:
     """Every rank's loss terms (mean) and throughput (sum), written and printed by rank 0."""
-    terms = reduce({k: float(v.detach()) for k, v in losses.items()}, device)
-    rate = reduce({"samples_per_s": local["samples_per_s_worker"]}, device, op="sum")
-    if log is None:
+    terms = reduce({k: float(v.detach()) for k, v in losses.items()}, r.device)
+    rate = reduce({"samples_per_s": local["samples_per_s_worker"]}, r.device, op="sum")
+    if r.log is None:
         return
-    values = {**terms, **local, **rate, "lr": engine.get_lr()[0], "epoch": epoch, "memory_mb": memory_mb(device)}
-    log.write("step", step, values)
-    print(f"epoch {epoch + 1}/{cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
+    values = {**terms, **local, **rate, "lr": r.engine.get_lr()[0], "epoch": epoch, "memory_mb": memory_mb(r.device)}
+    r.log.write("step", step, values)
+    print(f"epoch {epoch + 1}/{r.cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
           f"(vv {terms['vv']:.3f} v_s {terms['v_s']:.3f} v_d {terms['v_d']:.3f} "
           f"align {terms['align']:.4f}) lr {values['lr']:.2e} "
           f"{rate['samples_per_s']:.1f} samples/s data-wait {local['data_wait']:.0%}", flush=True)
 
 
-def monitor(engine, cfg: Config, device: torch.device, rank: int, world: int, epoch: int) -> float:
+def monitor(r: Rank, epoch: int) -> float:
     """The query backbone's leave-one-out k-NN accuracy on data.eval, over every rank."""
     from dclr_dist.evaluation.probes import knn_monitor
 
-    acc = knn_monitor(engine.module.encoder_q.f, cfg, device, rank, world)
-    if rank == 0:
-        print(f"epoch {epoch + 1}/{cfg.train.epochs} k-NN accuracy {acc:.1%} on data.eval (leave-one-out)",
+    acc = knn_monitor(r.engine.module.encoder_q.f, r.cfg, r.device, r.rank, r.world)
+    if r.rank == 0:
+        print(f"epoch {epoch + 1}/{r.cfg.train.epochs} k-NN accuracy {acc:.1%} on data.eval (leave-one-out)",
               flush=True)
     return acc
 
@@ -189,7 +208,7 @@ def check_data(cfg: Config) -> None:
 
     shards = data.listed_shards(cfg.data.train, "data.train")
     data.check_shards(shards, "data.train")
-    data.batches_per_epoch(cfg.data, shards, cfg.train.workers)
+    data.batches_per_epoch(cfg.data, shards, cfg.cluster.workers)
     if cfg.eval.every:
         if not cfg.data.eval:
             raise data.DataError(f"eval.every is {cfg.eval.every} and data.eval is empty: set data.eval to "
@@ -201,18 +220,18 @@ def fit(cfg: Config, callbacks: list | None = None):
     """Start (or resume) the run on the Ray cluster in RAY_ADDRESS, or a local one.
 
     ``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep runs this.
-    Raises launch.TrainingFailed when the restarts of train.max_failures are spent.
+    Raises launch.TrainingFailed when the restarts of cluster.max_failures are spent.
     """
     launch.make_paths_absolute(cfg)
     check_data(cfg)
     run_url = storage.join(cfg.train.storage_path, cfg.train.name)
-    epoch = latest(run_url, cfg.train.workers, cfg.train.zero_stage)
+    epoch = latest(run_url, cfg.cluster.workers, cfg.engine.zero_stage)
     if epoch is not None:
         print(f"resuming {run_url} from epoch {epoch}", flush=True)
     trainer = launch.torch_trainer(
         train_loop, {"config": cfg.to_dict(), "run_url": run_url}, cfg, cfg.train.name,
         callbacks=[*(callbacks or []), latest_json_callback(run_url)],
-        keep_checkpoints=cfg.train.keep_checkpoints, max_failures=cfg.train.max_failures)
+        keep_checkpoints=cfg.checkpoint.keep, max_failures=cfg.cluster.max_failures)
     return launch.run(trainer)
 
 
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, metavar="FILE.yaml",
                         help="config file, or the name of a shipped recipe: demo, ucf101_r2plus1d, k400_r2plus1d")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.workers=8 loss.tau=0.1 data.batch_size=16")
+                        help="config overrides, e.g. cluster.workers=8 loss.tau=0.1 data.batch_size=16")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -25,7 +25,7 @@ scarce resource on GPU nodes):
    depends on the seed only, not on where step 2 runs.
 2. ``dclr_views``: crops and resizing, colour jitter, grayscale, blur, flip,
    normalisation, static and dynamic views, as batched torch ops on the decoded uint8
-   frames. It runs on the accelerator after the copy (``views.where: device``) or in the
+   frames. It runs on the accelerator after the copy (``views.augment_on: device``) or in the
    worker (``worker``), the same code either way.
 """
 

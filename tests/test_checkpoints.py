@@ -41,12 +41,12 @@ def test_ray_storage_of_a_missing_bucket_is_a_one_line_error(s3_endpoint):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.checkpoint_minutes=0", "train.checkpoint_minutes must be > 0 or null, got 0.0"),
-    ("train.checkpoint_minutes=-5", "train.checkpoint_minutes must be > 0 or null, got -5.0"),
-    ("train.checkpoint_every=-1", "train.checkpoint_every must be >= 0 (0: not by epochs), got -1"),
+    ("checkpoint.minutes=0", "checkpoint.minutes must be > 0 or null, got 0.0"),
+    ("checkpoint.minutes=-5", "checkpoint.minutes must be > 0 or null, got -5.0"),
+    ("checkpoint.every=-1", "checkpoint.every must be >= 0 (0: not by epochs), got -1"),
 ])
 def test_checkpoint_interval_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
-    cfg = load_config(None, ["train.checkpoint_every=0", "train.checkpoint_minutes=30"]).train
-    assert (cfg.checkpoint_every, cfg.checkpoint_minutes) == (0, 30.0)
+    cfg = load_config(None, ["checkpoint.every=0", "checkpoint.minutes=30"]).checkpoint
+    assert (cfg.every, cfg.minutes) == (0, 30.0)

@@ -119,17 +119,17 @@ def test_check_recipe_refuses_recipes_that_launch_but_cannot_boot_or_hold_the_ru
     assert "not in check_recipe.INSTANCES" in problems(gpu_config={"InstanceType": "p9.96xlarge"})[0]
 
     # A config that asks more CPUs per node than a p4d has, or more workers than the nodes hold.
-    def config(**train) -> Path:
+    def config(**cluster) -> Path:
         tree = yaml.safe_load(K400.read_text())
-        tree["train"].update(train)
-        path = tmp_path / f"{'-'.join(train)}.yaml"
+        tree["cluster"].update(cluster)
+        path = tmp_path / f"{'-'.join(cluster)}.yaml"
         path.write_text(yaml.safe_dump(tree))
         return path
 
     hungry, big = config(cpus_per_worker=22), config(workers=64)
     (cpus,) = check_recipe.check(_aws(), [hungry])
-    assert "8 workers x train.cpus_per_worker 22 = 176 CPUs, but node type gpu has 96" in cpus
-    assert check_recipe.check(_aws(), [big]) == [f"{big}: train.workers 64, but the GPU nodes hold 32 workers"]
+    assert "8 workers x cluster.cpus_per_worker 22 = 176 CPUs, but node type gpu has 96" in cpus
+    assert check_recipe.check(_aws(), [big]) == [f"{big}: cluster.workers 64, but the GPU nodes hold 32 workers"]
 
 
 def _closed_port() -> int:
@@ -199,7 +199,7 @@ def test_kuberay_manifests_run_the_trainer_on_a_cluster_that_holds_its_config():
     assert argv[:3] == ["python", "-m", "dclr_dist.train"]
     config = Path(argv[argv.index("--config") + 1])
     # The image holds the checkout at /home/ray/dclr-dist (cluster/README.md, the Dockerfile).
-    cfg = load_config(REPO / config.relative_to("/home/ray/dclr-dist"), argv[argv.index("--config") + 2:]).train
+    cfg = load_config(REPO / config.relative_to("/home/ray/dclr-dist"), argv[argv.index("--config") + 2:]).cluster
 
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
@@ -414,7 +414,7 @@ def test_downstream_dry_run_packs_every_fold_and_evaluates_it_with_the_downstrea
     shards, runs = tmp_path / "shards", tmp_path / "runs"
     code = downstream.main(["all", "--ucf101", str(sources["ucf101"]), "--hmdb51", str(sources["hmdb51"]),
                             "--shards", str(shards), "--checkpoint", str(runs), "--out", str(tmp_path / "reports"),
-                            "--dry-run", "--", "train.workers=8"])
+                            "--dry-run", "--", "cluster.workers=8"])
     assert code == 0
     commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     packs = [_pack_parser().parse_args(c[3:]) for c in commands if c[1:3] == ["-m", "dclr_dist.shard"]]
@@ -434,10 +434,10 @@ def test_downstream_dry_run_packs_every_fold_and_evaluates_it_with_the_downstrea
         assert arg["--test"] == str(shards / f"{dataset}-{fold}-test")
         assert arg["--protocol"] == "linear,finetune" and arg["--checkpoint"] == str(runs)
         overrides = c[c.index("--out") + 2:]
-        assert overrides == [f"train.name=downstream-{dataset}-{fold}", "train.workers=8"]
+        assert overrides == [f"train.name=downstream-{dataset}-{fold}", "cluster.workers=8"]
         cfg = load_config(arg["--config"], overrides)
         # The paper's protocol: 10 clips per test video, R(2+1)D-18, the released fine-tuning.
-        assert (cfg.data.eval_clips, cfg.model.arch, cfg.eval.finetune_lr, cfg.eval.finetune_epochs) == (
+        assert (cfg.data.eval_clips, cfg.model.arch, cfg.finetune.lr, cfg.finetune.epochs) == (
             10, "r2plus1d_18", 0.1, 10)
         assert cfg.data.epoch_samples is None, "an epoch is one pass over the split, not pretraining's length"
 

@@ -50,3 +50,24 @@ def test_override_errors(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+def test_keys_that_moved_to_their_owners_section(tmp_path):
+    """A file or override with a key from before the sections were split by owner is told its new
+    name; a saved tree (an older checkpoint's meta.json) is read in today's keys."""
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  workers: 4\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: unknown key 'train.workers' \(train.workers is now "
+                                          r"cluster.workers: rename it\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'eval.t' \(eval.t is now eval.knn_temperature"):
+        load_config(None, ["eval.t=0.1"])
+    old = Config().to_dict()
+    old["train"].update(workers=4, zero_stage=1, lr=0.5, checkpoint_every=3)
+    old["eval"]["finetune_lr"] = 0.2
+    old["model"]["m"] = old["model"].pop("momentum")
+    for section in ("cluster", "optim", "engine", "checkpoint", "finetune"):
+        del old[section]
+    cfg = config_from_dict(old)
+    assert (cfg.cluster.workers, cfg.engine.zero_stage, cfg.optim.lr, cfg.checkpoint.every, cfg.finetune.lr,
+            cfg.model.momentum) == (4, 1, 0.5, 3, 0.2, 0.999)

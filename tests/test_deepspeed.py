@@ -33,8 +33,8 @@ def process_group():
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
 def test_engine_steps_in_each_precision_and_zero_stage(process_group, precision, stage):
     cfg = load_config(None, ["model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=32",
-                             "data.batch_size=4", f"train.precision={precision}", f"train.zero_stage={stage}",
-                             "train.grad_clip=1.0", "train.lr=0.1", "train.ref_batch=4"])
+                             "data.batch_size=4", f"engine.precision={precision}", f"engine.zero_stage={stage}",
+                             "optim.grad_clip=1.0", "optim.lr=0.1", "optim.ref_batch=4"])
     torch.manual_seed(0)
     engine, criterion = build(cfg, world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
     batch = {name: torch.randn(4, 3, 4, 32, 32) for name in VIEWS}
@@ -58,12 +58,12 @@ def test_engine_steps_in_each_precision_and_zero_stage(process_group, precision,
 
 def _tiny(*extra):
     return load_config(None, ["model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=32",
-                              "data.batch_size=4", "train.lr=0.1", "train.ref_batch=4", *extra])
+                              "data.batch_size=4", "optim.lr=0.1", "optim.ref_batch=4", *extra])
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_gradients_are_reduced_in_fp32_overlapped_with_backward(process_group, stage):
-    cfg = _tiny("train.precision=bf16", f"train.zero_stage={stage}")
+    cfg = _tiny("engine.precision=bf16", f"engine.zero_stage={stage}")
     engine, _ = build(cfg, world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
     # DeepSpeed would mark Linear/Conv parameters for bf16 reduction under autocast
     assert not any(hasattr(p, "comm_dtype") for p in engine.module.parameters())
@@ -81,7 +81,7 @@ def test_speed_switches_apply_and_leave_the_state_dict_keys(process_group):
 
     keys = list(DCLR("tiny", width=8, dim=16).state_dict())
     try:
-        engine, _ = build(_tiny("train.cudnn_benchmark=true", "train.channels_last=true", "train.compile=true"),
+        engine, _ = build(_tiny("engine.cudnn_benchmark=true", "engine.channels_last=true", "engine.compile=true"),
                           world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
         assert torch.backends.cudnn.benchmark
     finally:
@@ -140,8 +140,8 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         for name, stage, accum, channels_last in DP_CASES:
-            cfg = _tiny(f"train.zero_stage={stage}", f"train.grad_accum={accum}",
-                        f"train.channels_last={str(channels_last).lower()}")
+            cfg = _tiny(f"engine.zero_stage={stage}", f"train.grad_accum={accum}",
+                        f"engine.channels_last={str(channels_last).lower()}")
             torch.manual_seed(0)
             engine, criterion = build(cfg, world_size=world, steps_per_epoch=4, device=torch.device("cpu"))
             torch.manual_seed(0)

@@ -33,10 +33,10 @@ from test_data import tar_members, write_tar
 CLASSES = 3
 # 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=16", "views.frames=8",
-        "views.size=32", "views.flip_p=0", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=16", "data.eval_clips=3", "train.workers=2",
-        "train.epochs=2", "train.lr=0.05", "train.ref_batch=8", "train.log_every=1", "train.checkpoint_every=1",
-        "eval.k=3", "eval.finetune_epochs=1"]
+        "views.size=32", "views.flip_p=0", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
+        "data.shuffle_initial=4", "data.epoch_samples=16", "data.eval_clips=3", "cluster.workers=2",
+        "train.epochs=2", "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "checkpoint.every=1",
+        "eval.knn_k=3", "finetune.epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +376,6 @@ def test_cli_help_and_a_run(trained, shards, tmp_path):
     r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"],
             "--protocol", "linear,speed")
     assert r.returncode == 1 and "unknown protocol(s) ['speed']" in r.stderr
-    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"], "eval.k=0")
-    assert r.returncode == 2 and "eval.k must be >= 1, got 0" in r.stderr
+    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"], "eval.knn_k=0")
+    assert r.returncode == 2 and "eval.knn_k must be >= 1, got 0" in r.stderr
     assert storage.exists(str(trained["run"] / "best" / "backbone.pt"))

@@ -99,7 +99,7 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path, monkeypatch):
     for urls in ([url], [f"pipe:touch {marker}"], [f"{{{shard},pipe:touch {marker} && cat {shard}}}"]):
         with pytest.raises(DataError, match=r"pipe: URLs run shell commands.*DCLR_ALLOW_PIPE=1"):
             resolve_shards(urls)
-    cfg = DataConfig(train=[url], batch_size=1, workers=0, epoch_samples=1, retries=0, pin_memory=False)
+    cfg = DataConfig(train=[url], batch_size=1, loader_workers=0, epoch_samples=1, retries=0, pin_memory=False)
     with pytest.raises(DataError, match="pipe: URLs run shell commands"):
         train_loader(cfg, ViewsConfig())
     assert not marker.exists()  # refused before anything ran
@@ -126,7 +126,7 @@ def test_compressed_shards_are_refused_by_name_and_by_content(tmp_path, kind, co
     # ... and when it is named .tar: refused when opened, not skipped as a damaged shard
     disguised = tmp_path / "disguised.tar"
     disguised.write_bytes(packed)
-    cfg = DataConfig(train=[str(disguised)], batch_size=1, workers=0, epoch_samples=1, retries=0, pin_memory=False)
+    cfg = DataConfig(train=[str(disguised)], batch_size=1, loader_workers=0, epoch_samples=1, retries=0, pin_memory=False)
     with pytest.raises(DataError, match=rf"disguised\.tar: a {kind}-compressed tar; .*`python -m dclr_dist\.shard`"):
         list(train_loader(cfg, ViewsConfig()))
 

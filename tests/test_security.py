@@ -21,9 +21,9 @@ from dclr_dist.config import load_config
 from conftest import environment, local_ray, pack_synthetic
 
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
-        "views.size=32", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=8", "train.workers=1", "train.epochs=1",
-        "train.lr=0.05", "train.ref_batch=8", "train.log_every=1", "train.max_failures=0"]
+        "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
+        "data.shuffle_initial=4", "data.epoch_samples=8", "cluster.workers=1", "train.epochs=1",
+        "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "cluster.max_failures=0"]
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 

@@ -1,4 +1,4 @@
-"""train.channels_last and train.compile change how the step runs, never what it computes."""
+"""engine.channels_last and engine.compile change how the step runs, never what it computes."""
 
 from __future__ import annotations
 

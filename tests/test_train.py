@@ -20,9 +20,9 @@ from dclr_dist.config import load_config
 from conftest import local_ray, pack_synthetic
 
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
-        "views.size=32", "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=16", "train.workers=2", "train.epochs=3",
-        "train.lr=0.05", "train.ref_batch=8", "train.log_every=1", "train.checkpoint_every=1"]
+        "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
+        "data.shuffle_initial=4", "data.epoch_samples=16", "cluster.workers=2", "train.epochs=3",
+        "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "checkpoint.every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
     # 1 worker, from epoch 4 with its weights. An lr of ~0 keeps them through epoch 5, so its
     # checkpoint shows what was loaded; one epoch at the normal lr moved them (epoch 3 to 4).
     epoch4 = torch.load(Path(longer.checkpoint.path) / "backbone.pt", weights_only=True)
-    one = fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=5", "train.workers=1", "train.lr=1e-9"))
+    one = fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=5", "cluster.workers=1", "optim.lr=1e-9"))
     assert one.error is None
     # 4 steps per epoch on 1 worker, counted from epoch 4; the lr scaled to 1 worker's batch of 4
     assert (one.metrics["epoch"], one.metrics["world_size"], one.metrics["step"]) == (5, 1, 4 * 4 + 4)
@@ -100,9 +100,9 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
         torch.testing.assert_close(epoch5[k], epoch4[k], rtol=0, atol=1e-6)
 
     # another ZeRO stage cannot load the checkpoint: a clear error before any worker starts
-    with pytest.raises(ValueError, match=r"written with train.zero_stage=0 and this run has 1: .* "
-                                         r"Set train.zero_stage=0 to resume it, or choose a new train.name"):
-        fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=6", "train.workers=1", "train.zero_stage=1"))
+    with pytest.raises(ValueError, match=r"written with engine.zero_stage=0 and this run has 1: .* "
+                                         r"Set engine.zero_stage=0 to resume it, or choose a new train.name"):
+        fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=6", "cluster.workers=1", "engine.zero_stage=1"))
 
 
 def test_zero_shards_refuse_another_worker_count_before_any_worker_starts(shards, tmp_path):
@@ -112,8 +112,8 @@ def test_zero_shards_refuse_another_worker_count_before_any_worker_starts(shards
     run.mkdir(parents=True)
     (run / "latest.json").write_text(json.dumps({"world_size": 2, "epoch": 1, "metrics": {"zero_stage": 2}}))
     with pytest.raises(ValueError, match=r"written by 2 workers at ZeRO stage 2 and this run has 1: ZeRO-2 optimizer "
-                                         r"shards do not re-partition .* Set train.workers=2 to resume it"):
-        fit(_cfg(shards, tmp_path, "train.name=sharded", "train.workers=1", "train.zero_stage=2"))
+                                         r"shards do not re-partition .* Set cluster.workers=2 to resume it"):
+        fit(_cfg(shards, tmp_path, "train.name=sharded", "cluster.workers=1", "engine.zero_stage=2"))
 
 
 def test_checkpoints_by_time_upload_in_the_background_and_leave_no_staging(ray_local, shards, tmp_path):
@@ -126,13 +126,13 @@ def test_checkpoints_by_time_upload_in_the_background_and_leave_no_staging(ray_l
 
     run = tmp_path / "runs" / "minutes"
     # Not by epochs; a due time of 6 ms: every epoch end is past it.
-    fit(_cfg(shards, tmp_path, "train.name=minutes", "train.checkpoint_every=0", "train.checkpoint_minutes=0.0001",
-             "train.keep_checkpoints=3"))
+    fit(_cfg(shards, tmp_path, "train.name=minutes", "checkpoint.every=0", "checkpoint.minutes=0.0001",
+             "checkpoint.keep=3"))
     assert checkpointed(run) == [1, 2, 3]
     assert json.loads((run / "latest.json").read_text())["epoch"] == 3
     # An hour apart: only the last epoch (5) is checkpointed after the resume, not 4.
-    result = fit(_cfg(shards, tmp_path, "train.name=minutes", "train.epochs=5", "train.checkpoint_every=0",
-                      "train.checkpoint_minutes=60", "train.keep_checkpoints=3"))
+    result = fit(_cfg(shards, tmp_path, "train.name=minutes", "train.epochs=5", "checkpoint.every=0",
+                      "checkpoint.minutes=60", "checkpoint.keep=3"))
     assert result.metrics["epoch"] == 5 and checkpointed(run) == [2, 3, 5]
     assert json.loads((run / "latest.json").read_text())["epoch"] == 5
     # The workers staged each checkpoint in a folder of their temp dir that Ray removed once uploaded.
@@ -144,7 +144,7 @@ def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, s
     from dclr_dist.train import fit
 
     cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"train.storage_path={bucket}/runs",
-                             "train.name=killed", "train.epochs=6", "train.max_failures=2"])
+                             "train.name=killed", "train.epochs=6", "cluster.max_failures=2"])
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
@@ -191,8 +191,8 @@ def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
     bad.write_text("train:\n  epochz: 3\n")
     r = _run_cli("--config", str(bad))
     assert r.returncode == 2 and "bad.yaml: unknown key 'train.epochz' (did you mean 'epochs'?)" in r.stderr
-    r = _run_cli("--config", "demo", "train.workers=two")  # a shipped recipe, by name
-    assert r.returncode == 2 and "command line: train.workers must be int, got str 'two'" in r.stderr
+    r = _run_cli("--config", "demo", "cluster.workers=two")  # a shipped recipe, by name
+    assert r.returncode == 2 and "command line: cluster.workers must be int, got str 'two'" in r.stderr
     good = tmp_path / "good.yaml"
     good.write_text(f"data:\n  train: [{tmp_path / 'no-such-shards'}]\n")
     start = time.monotonic()

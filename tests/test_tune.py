@@ -24,7 +24,7 @@ SWEEP = [sys.executable, "-m", "dclr_dist.sweep"]
 SPACE = {"loss.tau": {"loguniform": [0.05, 0.2]}, "model.threshold": {"choice": [None, 1.0]},
          "loss.w_s": {"uniform": [0.0, 1.0]}}
 # One 1-CPU worker per trial, two epochs: ASHA may stop a trial after the first.
-TRIAL = [o for o in TINY if not o.startswith("train.workers")] + ["train.workers=1", "train.epochs=2",
+TRIAL = [o for o in TINY if not o.startswith("cluster.workers")] + ["cluster.workers=1", "train.epochs=2",
                                                                   "data.eval_clips=2"]
 
 
@@ -89,7 +89,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(shards, tmp_p
     ({"loss.tau": {"gaussian": [0, 1]}}, "unknown distribution 'gaussian'"),
     ({"loss.tau": {"uniform": [1, 0]}}, "needs lo < hi"),
     ({"loss.tau": {"uniform": [-1, 1]}}, "loss.tau must be > 0"),
-    ({"train.workers": {"choice": [1, "two"]}}, "train.workers must be int"),
+    ({"cluster.workers": {"choice": [1, "two"]}}, "cluster.workers must be int"),
 ])
 def test_invalid_space_is_a_clear_error(tmp_path, space, message):
     path = tmp_path / "space.yaml"
@@ -116,7 +116,7 @@ def test_shipped_space_and_old_script_path(tmp_path):
     """The default space ships with the package, and ``python tune/search.py`` (a shim) still runs the
     sweep's command line from any directory; resuming nothing is an error, not a traceback."""
     base = load_config(RECIPES / "demo.yaml", ["eval.every=1"])
-    assert set(load_space(sweep.SPACE, base)) >= {"loss.tau", "train.lr"}
+    assert set(load_space(sweep.SPACE, base)) >= {"loss.tau", "optim.lr"}
     r = subprocess.run([sys.executable, str(REPO / "tune" / "search.py"), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "dclr-tune" in r.stdout and "--space" in r.stdout, r.stderr

@@ -222,7 +222,7 @@ def test_eval_clips_are_the_centre_crop_normalised():
     ("views.scale=[0.5, 0.2]", "views.scale must be [lo, hi]"),
     ("views.jitter=[0.4, 0.4, 0.4]", "views.jitter must hold 4 numbers"),
     ("views.gray_p=1.5", "views.gray_p must be a probability"),
-    ("views.where=gpu", "views.where must be one of"),
+    ("views.augment_on=gpu", "views.augment_on must be one of"),
     ("views.std=[0.2, 0, 0.2]", "views.std must be > 0"),
 ])
 def test_views_config_errors_name_the_key(override, message):

@@ -5,7 +5,7 @@ the bytes in memory, with one decoder thread per DataLoader worker, seeking to t
 keyframe before each clip and decoding only up to its last frame; two clips close together
 are decoded in one pass. Only the frames used are converted to RGB, and that is all the
 worker does to them: crops, resizing and augmentation run after the copy to the device
-(``views.where: device``), where they cost next to nothing.
+(``views.augment_on: device``), where they cost next to nothing.
 
 Short videos. A video with fewer frames than a clip spans (T x stride + 1 with the
 dynamic view's extra frame) loops: frame indices are taken modulo its length from a
@@ -23,7 +23,7 @@ shipped at their stored size (the packer's short side is 128 px; full HD costs ~
 an index.json the keyframe interval is taken to be the packer's (16): a longer one only
 costs decoding time.
 
-Training batch from the loader (``views.where: device``), H x W the decoded frame size
+Training batch from the loader (``views.augment_on: device``), H x W the decoded frame size
 (the largest in the batch; smaller frames are edge-padded):
     q, k:       (B, 3, T+1, H, W) uint8   frames v_{-1}..v_{T-1} of the two clips, channels-last
                                           in memory as decoded; 2 x 17 x 128 x 170 x 3 bytes
@@ -34,7 +34,7 @@ Training batch from the loader (``views.where: device``), H x W the decoded fram
     label:      (B,) int64                class index, -1 where the record has none (DCLR is self-supervised)
     key:        list of B str             sample keys
     skipped_samples, skipped_shards: () int64   damage since this stream's previous batch
-After ``to_device`` (or from the loader itself with ``views.where: worker``):
+After ``to_device`` (or from the loader itself with ``views.augment_on: worker``):
     q, k, static_q, static_k, dynamic_q, dynamic_k: (B, 3, T, S, S) float32, normalised,
     plus label, key and the skip counts.
 

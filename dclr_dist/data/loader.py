@@ -68,7 +68,7 @@ class TrainStream(IterableDataset):
             items = decoded(ordered, partial(_train_item, cfg=self.cfg, rng=rng, labelled=self.labelled), skips)
             for _ in range(counts[slot]):
                 batch = _collate([next(items) for _ in range(B)], skips)
-                if self.cfg.where == "worker":
+                if self.cfg.augment_on == "worker":
                     batch = views.dclr_views(batch, self.cfg)
                 yield batch
 
@@ -124,15 +124,15 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def _loader(dataset: IterableDataset, data: DataConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=data.workers,
+    return DataLoader(dataset, batch_size=None, num_workers=data.loader_workers,
                       pin_memory=data.pin_memory and torch.cuda.is_available(),
-                      prefetch_factor=data.prefetch if data.workers else None)
+                      prefetch_factor=data.prefetch if data.loader_workers else None)
 
 
 def to_device(batch: dict, device: torch.device | str, cfg: ViewsConfig) -> dict:
     """Copy a loader batch to ``device`` and finish it there: the model's dict (dclr_dist.data's docstring).
 
-    With ``views.where: device`` the decoded uint8 frames cross the bus and the views are
+    With ``views.augment_on: device`` the decoded uint8 frames cross the bus and the views are
     made on the device; evaluation clips are cropped and normalised there in any case.
     """
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -2,10 +2,10 @@
 docs/design.md, section 7): the paper's protocol.
 
 The backbone and a linear classifier are trained end to end on the train split (lr
-``eval.finetune_lr`` per ``train.ref_batch`` samples, scaled with the global batch like
-pretraining, ``eval.finetune_epochs`` epochs, cosine schedule, augmented RGB clips of the
+``finetune.lr`` per ``finetune.ref_batch`` samples, scaled with the global batch like
+pretraining, ``finetune.epochs`` epochs, cosine schedule, augmented RGB clips of the
 training pipeline), distributed on Ray Train with the pretraining's scaling
-(``train.workers`` ...: DDP over gloo on CPU, nccl on GPU; no DeepSpeed, a backbone fits
+(``cluster.workers`` ...: DDP over gloo on CPU, nccl on GPU; no DeepSpeed, a backbone fits
 every GPU), then tested with the softmax averaged over the clips of each test video.
 """
 
@@ -64,7 +64,7 @@ def finetune_loop(loop_config: dict) -> None:
     pred, y = _clip_averaged_predictions(net, cfg, loop_config["test"], device, rank, world)
     if len(y) == 0:
         raise EvalError(f"no test video of {loop_config['test']} could be read: see the warnings")
-    metrics = {"epoch": cfg.eval.finetune_epochs, "loss": train_loss, "train_top1": train_top1,
+    metrics = {"epoch": cfg.finetune.epochs, "loss": train_loss, "train_top1": train_top1,
                **accuracy(pred, y, loop_config["classes"]), "videos": len(y)}
     # Ray Train keeps the metrics of checkpointed reports only: rank 0's checkpoint is the
     # fine-tuned network, a state_dict of f.* (backbone) and fc.* (classifier).
@@ -75,17 +75,17 @@ def finetune_loop(loop_config: dict) -> None:
 
 
 def _train_epochs(model: nn.Module, cfg: Config, device: torch.device, rank: int, world: int) -> tuple[float, float]:
-    """The ``eval.finetune_epochs`` epochs of this rank on ``cfg.data.train`` (SGD, scaled lr, cosine
+    """The ``finetune.epochs`` epochs of this rank on ``cfg.data.train`` (SGD, scaled lr, cosine
     schedule), each reported to Ray Train; the last epoch's mean loss and top-1 on its batches."""
     import ray.train
 
     from dclr_dist import data
 
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
-    epochs = cfg.eval.finetune_epochs
-    lr = scaled_lr(cfg.eval.finetune_lr, cfg.data.batch_size * world, cfg.train.ref_batch)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
-                          weight_decay=cfg.train.weight_decay)
+    epochs = cfg.finetune.epochs
+    lr = scaled_lr(cfg.finetune.lr, cfg.data.batch_size * world, cfg.finetune.ref_batch)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.finetune.momentum,
+                          weight_decay=cfg.finetune.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * batches)
     # One loader for every epoch (no re-fork at epoch boundaries); unlabelled shards are an error.
     it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epochs=epochs, labelled=True))
@@ -156,5 +156,5 @@ def finetune(cfg: Config, folder: str, test: list[str], classes: list[str]) -> d
         raise EvalError(f"fine-tuning failed: {e}") from None
     path = result.checkpoint.path  # pyarrow's paths lack the s3://
     where = f"s3://{path}" if storage.is_s3(cfg.train.storage_path) else path
-    return {**result.metrics, "model": storage.join(where, "model.pt"), "epochs": cfg.eval.finetune_epochs,
+    return {**result.metrics, "model": storage.join(where, "model.pt"), "epochs": cfg.finetune.epochs,
             "chance": 1 / len(classes)}

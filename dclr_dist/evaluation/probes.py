@@ -10,7 +10,7 @@ docs/design.md, section 7), on the Features of ``dclr_dist.evaluation.features``
 - ``knn``: retrieval, test queries against the train gallery by cosine similarity:
   recall@K (a query counts when one of its K nearest train videos has its class; paper:
   R@1/5/10/20/50) and the accuracy of a k-NN classifier whose k nearest neighbours vote
-  with weights exp(cos / t) (Wu et al. 2018; ``eval.k``, ``eval.t``). Also on centred
+  with weights exp(cos / t) (Wu et al. 2018; ``eval.knn_k``, ``eval.knn_temperature``). Also on centred
   features (the train gallery's mean subtracted, then L2-normalised): GAP features of ReLU
   maps share a large common component that dominates raw cosines. k-NN and retrieval
   compare ``eval.chunk`` queries at a time with the gallery (top-k, never a full sort), on
@@ -191,7 +191,7 @@ def knn_monitor(f: nn.Module, cfg: Config, device: torch.device, rank: int = 0, 
         raise EvalError(f"data.eval {cfg.data.eval} holds {len(feats.keys)} video: leave-one-out k-NN needs two")
     num_classes = int(feats.label.max()) + 1
     x = feats.x.to(device)
-    pred = knn_predict(x, feats.label, x, num_classes, cfg.eval.k, cfg.eval.t, leave_one_out=True,
+    pred = knn_predict(x, feats.label, x, num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature, leave_one_out=True,
                        chunk=cfg.eval.chunk)
     return (pred == feats.label).double().mean().item()
 
