@@ -1,4 +1,4 @@
-# Quick start: `make demo` runs the embedded default end to end, `make test` runs the suite.
+# Quick start: `make demo` runs the demo end to end, `make test` runs the suite.
 # Both create .venv on first use and install the pinned set from constraints.txt.
 PY      ?= python3
 VENV    := .venv
@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # torch first: pip's build of deepspeed imports it, and the pinned CUDA build runs on CPU too.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench-pack clean-demo
+.PHONY: demo test unit lint format bench-pack clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,13 +16,27 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The embedded default: synthetic scene-bias shards (made on first use) -> local Ray
-# cluster -> DCLR pretraining (dclr_dist/configs/demo.yaml).
+# The demo: synthetic scene-bias shards (made on first use) -> local Ray
+# cluster -> DCLR pretraining (dclr_dist/configs/demo.yaml) -> evaluation on unseen scenes.
 demo: $(STAMP)
 	$(BIN)/python -m dclr_dist.demo
 
-test: $(STAMP)
+# Lint and format check first (seconds), then the whole suite: tests/unit (seconds, no Ray, no S3
+# server) and tests/integration (real Ray clusters, moto S3, subprocesses; ~18 minutes on 2 cores).
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the unit tests only.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench-pack: $(STAMP)
 	$(BIN)/python benchmarks/pack.py

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import os
 import shutil
 import socket
-import tarfile
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import environment, pack_synthetic
 
 
 @pytest.fixture(scope="session")
@@ -175,57 +173,8 @@ def class_folders(tmp_path, sample_videos) -> Path:
     return root
 
 
-def pack_synthetic(root: Path, *, classes: int, train_per_class: int, test_per_class: int, train_scenes: int,
-                   test_scenes: int, max_samples: int) -> dict[str, str]:
-    """A small synthetic scene-bias corpus (48 px, 24 frames) packed into train/test shards."""
-    from dclr_dist.config import load_config
-    from dclr_dist.shard.pack import pack
-    from dclr_dist.shard.synth import write_corpus
-
-    manifest = write_corpus(root / "videos", num_classes=classes, train_per_class=train_per_class,
-                            test_per_class=test_per_class, train_scenes=train_scenes, test_scenes=test_scenes,
-                            frames=24, size=48, workers=2, progress=False)
-    cfg = load_config(None, ["shard.short_side=48", f"shard.max_samples={max_samples}"]).shard
-    for split in ("train", "test"):
-        pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)
-    return {split: str(root / split) for split in ("train", "test")}
-
-
-@contextlib.contextmanager
-def local_ray(tmpdir: str, num_cpus: int = 3):
-    """A local Ray cluster for one test module (starting one costs seconds: share it)."""
-    import ray
-
-    os.environ["RAY_TMPDIR"] = tmpdir
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A plain (ustar) tar of ``(name, payload)`` members, for shards built byte by byte."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """``values`` set in os.environ for the block (Ray and boto3 read the real environment), then restored."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    """Train and test shards of a small synthetic corpus, shared by one module's training runs."""
+    return pack_synthetic(tmp_path_factory.mktemp("train-shards"), classes=3, train_per_class=4, test_per_class=2,
+                          train_scenes=3, test_scenes=2, max_samples=3)

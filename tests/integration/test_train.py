@@ -17,19 +17,7 @@ import torch
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from conftest import local_ray, pack_synthetic
-
-TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
-        "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=16", "cluster.workers=2", "train.epochs=3",
-        "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "checkpoint.every=1"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
-    return pack_synthetic(tmp_path_factory.mktemp("train-shards"), classes=3, train_per_class=4, test_per_class=2,
-                          train_scenes=3, test_scenes=2, max_samples=3)
-
+from helpers import TINY, local_ray
 
 @pytest.fixture(scope="module")
 def ray_local(s3_endpoint):

@@ -17,9 +17,9 @@ import yaml
 from dclr_dist.config import RECIPES, load_config
 from dclr_dist import sweep
 from dclr_dist.sweep import load_space
-from test_train import TINY, shards  # noqa: F401  (the module-scoped shard fixture)
+from helpers import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP = [sys.executable, "-m", "dclr_dist.sweep"]
 SPACE = {"loss.tau": {"loguniform": [0.05, 0.2]}, "model.threshold": {"choice": [None, 1.0]},
          "loss.w_s": {"uniform": [0.0, 1.0]}}

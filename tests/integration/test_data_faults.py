@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import tarfile
-from pathlib import Path
 
 import av
 import numpy as np
@@ -19,7 +18,7 @@ from dclr_dist.config import DataConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, Part, Shard, eval_loader, read_parts, resolve_shards, to_device, train_loader
 from dclr_dist.model import VIEWS
 
-from conftest import tar_bytes
+from helpers import tar_bytes
 
 
 def samples(keys: str, size: int = 3000) -> list[tuple[str, bytes]]:

@@ -27,8 +27,8 @@ from dclr_dist.eval import EvalError, evaluate
 from dclr_dist.evaluation.features import Features, extract, extract_on_workers
 from dclr_dist.evaluation.probes import L2_GRID, choose_l2, knn_predict, knn_retrieval, linear_probe, nearest, scene_probe
 from dclr_dist.model import backbone, gap
-from conftest import local_ray, pack_synthetic
-from test_data import tar_members, write_tar
+from helpers import local_ray, pack_synthetic
+from helpers import tar_members, write_tar
 
 CLASSES = 3
 # 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.

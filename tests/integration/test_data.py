@@ -23,6 +23,7 @@ from dclr_dist.model import DCLR, VIEWS
 from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
 from dclr_dist.views import NUM_PARAMS
+from helpers import tar_members, write_tar
 
 SMALL = ViewsConfig(frames=4, stride=2, size=32)
 
@@ -38,19 +39,6 @@ class Corpus:
 def decode_all(mp4: bytes) -> np.ndarray:
     with av.open(io.BytesIO(mp4)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def tar_members(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from conftest import environment, local_ray, pack_synthetic
+from helpers import environment, local_ray, pack_synthetic
 
 TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
         "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",

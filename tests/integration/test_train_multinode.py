@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dclr_dist.config import load_config
-from test_train import TINY, shards  # noqa: F401  (the module-scoped shard fixture)
+from helpers import TINY
 
 
 @pytest.fixture

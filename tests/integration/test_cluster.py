@@ -26,9 +26,9 @@ import ray
 import yaml
 
 from dclr_dist.config import load_config
-from test_train import TINY, shards  # noqa: F401  (the module-scoped shard fixture)
+from helpers import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 K400 = REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"
 RAY = str(Path(sys.executable).parent / "ray")

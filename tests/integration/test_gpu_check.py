@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 STEP_FIELDS = ("samples_per_s", "step_ms", "mfu", "host_syncs", "host_syncs_per_step", "peak_memory_mb", "warmup_s",
                "build_s", "steps")

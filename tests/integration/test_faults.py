@@ -22,7 +22,7 @@ from dclr_dist.config import ConfigError, DataConfig, ShardConfig, ViewsConfig, 
 from dclr_dist.data import DataError, resolve_shards, train_loader
 from dclr_dist.shard.pack import pack
 
-from conftest import tar_bytes
+from helpers import tar_bytes
 
 RGB = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 

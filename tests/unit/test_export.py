@@ -15,7 +15,7 @@ from dclr_dist.export import CLASSIFIER, ExportError, main, to_torchvision
 from dclr_dist.model import backbone, gap
 from dclr_dist.checkpoint import checkpoint_meta
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Every torchvision arch the project trains, with a clip that leaves a feature map of more than one position.
 INPUTS = {
