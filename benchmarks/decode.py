@@ -78,8 +78,15 @@ def draws(frames: list[int], samples: int, cfg: ViewsConfig, seed: int) -> list[
     for _ in range(samples):
         v = int(rng.integers(len(frames)))
         n = frames[v]
-        clips = [data.clip_indices(int(rng.integers(0, n - span + 1)) if n >= span else int(rng.integers(0, n)),
-                                   cfg.frames + 1, cfg.stride, n) for _ in range(2)]
+        clips = [
+            data.clip_indices(
+                int(rng.integers(0, n - span + 1)) if n >= span else int(rng.integers(0, n)),
+                cfg.frames + 1,
+                cfg.stride,
+                n,
+            )
+            for _ in range(2)
+        ]
         out.append((v, sorted(set(clips[0] + clips[1]))))
     return out
 
@@ -96,14 +103,26 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=150, help="samples per timing")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timings per row; the best counts")
     parser.add_argument("--synthetic", type=int, default=6, help="synthetic videos (180 frames, 128x128)")
-    parser.add_argument("--fps", type=float, default=None,
-                        help="also measure fastdecode with the frame rate lowered to this (shard.fps)")
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="also measure fastdecode with the frame rate lowered to this (shard.fps)",
+    )
     parser.add_argument("--workdir", default=None, help="where sources go (default: a temporary folder)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-decode-"))
-    manifest = write_corpus(workdir / "synth", num_classes=6, train_per_class=max(1, args.synthetic // 6),
-                            test_per_class=1, frames=180, size=128, workers=os.cpu_count() or 1, progress=False)
+    manifest = write_corpus(
+        workdir / "synth",
+        num_classes=6,
+        train_per_class=max(1, args.synthetic // 6),
+        test_per_class=1,
+        frames=180,
+        size=128,
+        workers=os.cpu_count() or 1,
+        progress=False,
+    )
     synthetic = sorted((manifest.parent / "train").rglob("*.mp4"))
     noisy = []
     for k, path in enumerate(synthetic):
@@ -125,10 +144,12 @@ def main() -> None:
             if bad:
                 raise SystemExit(f"could not pack {', '.join(bad)}")
             packed[kind, name] = results
-    print(f"sources: {', '.join(f'{len(v)} {k}' for k, v in kinds.items())}; packed at short side {base.short_side}, "
-          f"crf {base.crf}, preset {base.preset}, gop {base.gop}; a sample = 2 clips of {views.frames + 1} frames "
-          f"at stride {views.stride}; {args.samples} samples per timing, best of {args.repeats}, one thread",
-          flush=True)
+    print(
+        f"sources: {', '.join(f'{len(v)} {k}' for k, v in kinds.items())}; packed at short side {base.short_side}, "
+        f"crf {base.crf}, preset {base.preset}, gop {base.gop}; a sample = 2 clips of {views.frames + 1} frames "
+        f"at stride {views.stride}; {args.samples} samples per timing, best of {args.repeats}, one thread",
+        flush=True,
+    )
 
     best: dict[tuple[str, str], float] = {}
     plans = {}
@@ -151,8 +172,10 @@ def main() -> None:
         for name in settings:
             size = sum(len(e.mp4) for e in packed[kind, name])
             rate = args.samples / best[kind, name]
-            print(f"| {kind} | {name} | {size / len(packed[kind, name]) / 1024:.1f} | {size / size0:.3f}x | "
-                  f"{rate:.1f} | {rate / rate0:.2f}x |")
+            print(
+                f"| {kind} | {name} | {size / len(packed[kind, name]) / 1024:.1f} | {size / size0:.3f}x | "
+                f"{rate:.1f} | {rate / rate0:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

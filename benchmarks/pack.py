@@ -36,8 +36,20 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def run_pack(manifest: Path, out: Path, workers: int) -> tuple[float, int, dict]:
-    cmd = [sys.executable, "-m", "dclr_dist.shard", "--input", str(manifest), "--split", "train",
-           "--output", str(out), "--workers", str(workers), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dclr_dist.shard",
+        "--input",
+        str(manifest),
+        "--split",
+        "train",
+        "--output",
+        str(out),
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     ps, peak = psutil.Process(proc.pid), 0
@@ -59,22 +71,32 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pack-"))
     print(f"machine: {os.cpu_count()} cores; corpora in {root}")
-    print(f"{'videos':>7} {'workers':>7} {'seconds':>8} {'videos/s':>9} {'videos/s/worker':>16} "
-          f"{'MB/s/worker (in)':>17} {'MB out':>7} {'peak RSS MB':>12}")
+    print(
+        f"{'videos':>7} {'workers':>7} {'seconds':>8} {'videos/s':>9} {'videos/s/worker':>16} "
+        f"{'MB/s/worker (in)':>17} {'MB out':>7} {'peak RSS MB':>12}"
+    )
     for n in args.sizes:
         per_class = max(1, n // 6)
         corpus = root / f"synth-{n}"
-        manifest = write_corpus(corpus, num_classes=6, train_per_class=per_class, test_per_class=1,
-                                workers=max(args.workers), progress=False)
+        manifest = write_corpus(
+            corpus,
+            num_classes=6,
+            train_per_class=per_class,
+            test_per_class=1,
+            workers=max(args.workers),
+            progress=False,
+        )
         sources = [p for p in (corpus / "train").rglob("*.mp4")]
         in_mb = sum(p.stat().st_size for p in sources) / 1e6
         for w in args.workers:
             out = root / f"shards-{n}-w{w}"
             elapsed, peak, index = run_pack(manifest, out, w)
             assert index["samples"] + index["rejected"] == index["inputs"] == len(sources)
-            print(f"{len(sources):>7} {w:>7} {elapsed:>8.1f} {len(sources) / elapsed:>9.1f} "
-                  f"{len(sources) / elapsed / w:>16.1f} {in_mb / elapsed / w:>17.2f} "
-                  f"{index['bytes'] / 1e6:>7.1f} {peak / 2**20:>12.0f}")
+            print(
+                f"{len(sources):>7} {w:>7} {elapsed:>8.1f} {len(sources) / elapsed:>9.1f} "
+                f"{len(sources) / elapsed / w:>16.1f} {in_mb / elapsed / w:>17.2f} "
+                f"{index['bytes'] / 1e6:>7.1f} {peak / 2**20:>12.0f}"
+            )
 
 
 if __name__ == "__main__":

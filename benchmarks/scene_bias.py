@@ -16,8 +16,9 @@ schedule (``dclr_dist.engine.lr_lambda``). No Ray or DeepSpeed: the trainer's eq
 this loop is what ``tests/test_loss_distributed.py`` and ``tests/test_train.py`` check, and
 here the budget goes to steps and seeds. Every method gets the same steps (``--steps``,
 default 1152: 4x the earlier benchmark's 288), batch 16, seeds (model init, data order,
-augmentation), crops at scale 0.5-1 (by the method review's count, not re-measured here, the object stays in both crops of 85% of pairs, 56% at
-the paper's 0.2-1 on these 64-pixel frames). Runs go ``--jobs`` at a time, one thread each.
+augmentation), crops at scale 0.5-1 (by the method review's count, not re-measured here,
+the object stays in both crops of 85% of pairs, 56% at the paper's 0.2-1 on these 64-pixel
+frames). Runs go ``--jobs`` at a time, one thread each.
 
 Evaluation: the final weights (no checkpoint selection), 5 clips per video, batch norm in
 eval mode, with ``dclr_dist.eval``'s protocols (``dclr_dist.evaluation.probes``) on unseen
@@ -61,13 +62,13 @@ from dclr_dist import views
 from dclr_dist.batchnorm import ViewBatchNorm
 from dclr_dist.config import BASELINE, load_config
 from dclr_dist.data import shard_order
+from dclr_dist.demo import DEMO_CONFIG
+from dclr_dist.engine import lr_lambda, make_optimizer, scaled_lr
 from dclr_dist.evaluation.features import Features
 from dclr_dist.evaluation.probes import choose_l2, knn_retrieval, linear_probe, scene_probe
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, gap
 from dclr_dist.shard.synth import write_corpus
-from dclr_dist.demo import DEMO_CONFIG
-from dclr_dist.engine import lr_lambda, make_optimizer, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,8 +100,7 @@ MEASURES = [
     ("scene probe, train scenes", "scene_probe", "scene"),
     ("motion probe, train scenes", "motion_probe", "motion"),
 ]
-CORPUS = dict(num_classes=4, train_per_class=48, test_per_class=72, train_scenes=12, test_scenes=12, frames=48,
-              size=64)
+CORPUS = dict(num_classes=4, train_per_class=48, test_per_class=72, train_scenes=12, test_scenes=12, frames=48, size=64)
 
 _corpus: dict = {}
 
@@ -113,8 +113,13 @@ def load_split(root: Path, split: str) -> dict:
         with av.open(str(root / r["path"])) as container:
             videos.append(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
     classes = sorted({r["label"] for r in rows})
-    return {"videos": torch.from_numpy(np.stack(videos)), "label": torch.tensor([classes.index(r["label"]) for r in rows]),
-            "scene": [r["scene"] for r in rows], "key": [r["path"] for r in rows], "classes": classes}
+    return {
+        "videos": torch.from_numpy(np.stack(videos)),
+        "label": torch.tensor([classes.index(r["label"]) for r in rows]),
+        "scene": [r["scene"] for r in rows],
+        "key": [r["path"] for r in rows],
+        "classes": classes,
+    }
 
 
 def _init_worker(root: str) -> None:
@@ -131,18 +136,19 @@ def batch_order(order: str, n: int, labels: torch.Tensor, seed: int, epoch: int,
     """
     if order == "shuffled":
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
+        return [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
     import random
 
     import webdataset as wds
 
     by_class = np.argsort(labels.numpy(), kind="stable")
-    shards = [by_class[i:i + 64] for i in range(0, n, 64)]
+    shards = [by_class[i : i + 64] for i in range(0, n, 64)]
     picks = shard_order(len(shards), seed, epoch, 0, 1)
-    stream = wds.shuffle(64, 16, rng=random.Random(seed * 1000 + epoch))((int(i) for _ in range(len(shards))
-                                                                            for i in shards[next(picks)]))
+    stream = wds.shuffle(64, 16, rng=random.Random(seed * 1000 + epoch))(
+        int(i) for _ in range(len(shards)) for i in shards[next(picks)]
+    )
     items = [next(stream) for _ in range(n - n % batch)]
-    return [np.array(items[i:i + batch]) for i in range(0, len(items), batch)]
+    return [np.array(items[i : i + batch]) for i in range(0, len(items), batch)]
 
 
 def train_views(videos: torch.Tensor, idx: np.ndarray, cfg, rng: np.random.Generator) -> dict:
@@ -153,10 +159,13 @@ def train_views(videos: torch.Tensor, idx: np.ndarray, cfg, rng: np.random.Gener
     for i in idx:
         for clips in (q, k):
             start = int(rng.integers(0, L - span + 1))
-            clips.append(videos[i, start:start + span:stride])
+            clips.append(videos[i, start : start + span : stride])
         aug.append(views.draw(rng, cfg, videos.shape[2], videos.shape[3]))
-    batch = {"q": torch.stack(q).permute(0, 4, 1, 2, 3), "k": torch.stack(k).permute(0, 4, 1, 2, 3),
-             "aug": torch.from_numpy(np.stack(aug))}  # (B, 3, T+1, H, W) uint8 each
+    batch = {
+        "q": torch.stack(q).permute(0, 4, 1, 2, 3),
+        "k": torch.stack(k).permute(0, 4, 1, 2, 3),
+        "aug": torch.from_numpy(np.stack(aug)),
+    }  # (B, 3, T+1, H, W) uint8 each
     return views.dclr_views(batch, cfg)
 
 
@@ -168,11 +177,13 @@ def features(f: torch.nn.Module, split: dict, cfg, clips: int = 5) -> Features:
     N, L, H, W = videos.shape[:4]
     T, stride = cfg.frames, cfg.stride
     starts = np.linspace(0, L - (T - 1) * stride - 1, clips).round().astype(int)
-    x = torch.stack([videos[:, s:s + (T - 1) * stride + 1:stride] for s in starts], 1)  # (N, clips, T, H, W, 3)
+    x = torch.stack([videos[:, s : s + (T - 1) * stride + 1 : stride] for s in starts], 1)  # (N, clips, T, H, W, 3)
     box = torch.tensor(views.center_box(H, W), dtype=torch.float32).expand(N, 4)
     out = []
     for part, b in zip(x.split(16), box.split(16)):
-        c = views.eval_clips({"clips": part.permute(0, 1, 5, 2, 3, 4), "box": b}, cfg)["clips"]  # (n, clips, 3, T, S, S)
+        c = views.eval_clips({"clips": part.permute(0, 1, 5, 2, 3, 4), "box": b}, cfg)[
+            "clips"
+        ]  # (n, clips, 3, T, S, S)
         out.append(F.normalize(gap(f(c.flatten(0, 1))).view(len(part), clips, -1).mean(1), dim=1))
     f.train()
     return Features(torch.cat(out), split["label"], split["key"], [{"scene": s} for s in split["scene"]])
@@ -184,10 +195,16 @@ def measure(f: torch.nn.Module, cfg) -> dict:
     l2, _ = choose_l2(train.x, train.label, len(classes))
     knn = knn_retrieval(train, test, classes, 10, 0.07, [1])
     scene = scene_probe(train, test, classes, l2)
-    return {"linear": linear_probe(train, test, classes, l2)["top1"], "l2": l2, "knn": knn["top1"],
-            "knn_centred": knn["centred"]["top1"], "r1": knn["recall"]["R@1"], "swap": scene["swap"],
-            "scene_probe": scene["train_probe"]["scene"]["accuracy"],
-            "motion_probe": scene["train_probe"]["motion"]["accuracy"]}
+    return {
+        "linear": linear_probe(train, test, classes, l2)["top1"],
+        "l2": l2,
+        "knn": knn["top1"],
+        "knn_centred": knn["centred"]["top1"],
+        "r1": knn["recall"]["R@1"],
+        "swap": scene["swap"],
+        "scene_probe": scene["train_probe"]["scene"]["accuracy"],
+        "motion_probe": scene["train_probe"]["motion"]["accuracy"],
+    }
 
 
 @torch.no_grad()
@@ -239,8 +256,14 @@ def run(spec: tuple) -> dict:
             model.momentum_update()
             losses.append(out["loss"].item())
             step += 1
-    result = {"method": method, "seed": seed, "steps": step, "final_loss": statistics.mean(losses[-steps_per_epoch:]),
-              **measure(model.encoder_q.f, cfg.views), "seconds": round(time.monotonic() - t0, 1)}
+    result = {
+        "method": method,
+        "seed": seed,
+        "steps": step,
+        "final_loss": statistics.mean(losses[-steps_per_epoch:]),
+        **measure(model.encoder_q.f, cfg.views),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
     if method == "DCLR":
         result["mixed"] = measure(mixed_statistics(model, cfg, seed), cfg.views)
     return result
@@ -250,13 +273,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "scene_bias"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1],
-                        help="seeds of the ablations, which run after the main comparison (default 0 1)")
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="seeds of the ablations, which run after the main comparison (default 0 1)",
+    )
     parser.add_argument("--steps", type=int, default=1152)
     parser.add_argument("--corpus", help="the corpus folder (default: OUT/corpus, written on first use)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
-                        help=f"which to run, of {list(METHODS)} (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"which to run, of {list(METHODS)} (default: all)",
+    )
     parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
     args = parser.parse_args()
@@ -268,16 +302,21 @@ def main() -> int:
         root = Path(args.corpus) if args.corpus else out / "corpus"
         write_corpus(root, workers=os.cpu_count() or 1, progress=True, **CORPUS)
         specs = [(m, s, args.steps, args.overrides) for s in args.seeds for m in args.methods if m in MAIN]
-        specs += [(m, s, args.steps, args.overrides) for s in args.ablation_seeds for m in args.methods
-                  if m not in MAIN]
+        specs += [
+            (m, s, args.steps, args.overrides) for s in args.ablation_seeds for m in args.methods if m not in MAIN
+        ]
         specs = [s for s in specs if (s[0], s[1]) not in done]
         print(f"{len(specs)} runs to do, {args.jobs} at a time; results in {log}", flush=True)
         with get_context("spawn").Pool(args.jobs, _init_worker, (str(root),)) as pool:
             for r in pool.imap_unordered(run, specs):
                 with open(log, "a") as f:
                     f.write(json.dumps(r) + "\n")
-                print(f"{r['method']:28s} seed {r['seed']}: " + ", ".join(
-                    f"{key} {100 * r[key]:.1f}" for _, key, _ in MEASURES) + f" ({r['seconds']:.0f} s)", flush=True)
+                print(
+                    f"{r['method']:28s} seed {r['seed']}: "
+                    + ", ".join(f"{key} {100 * r[key]:.1f}" for _, key, _ in MEASURES)
+                    + f" ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
     report(_read(log), out, args)
     return 0
 
@@ -295,8 +334,10 @@ def report(rows: list[dict], out: Path, args) -> None:
     order = [m for m in (*MAIN, MIXED, *METHODS) if m in results]
     results = {m: results[m] for m in dict.fromkeys(order)}
     chance = {"motion": 1 / CORPUS["num_classes"], "scene": 1 / CORPUS["train_scenes"], "swap": 0.5}
-    lines = [f"{'measure, % (mean +- std over seeds)':38s}" + "".join(f" | {m[:26]:>26s}" for m in results)
-             + " | chance", "-" * (38 + 29 * len(results) + 9)]
+    lines = [
+        f"{'measure, % (mean +- std over seeds)':38s}" + "".join(f" | {m[:26]:>26s}" for m in results) + " | chance",
+        "-" * (38 + 29 * len(results) + 9),
+    ]
     for label, key, c in MEASURES:
         cells = []
         for rows_m in results.values():
@@ -306,16 +347,31 @@ def report(rows: list[dict], out: Path, args) -> None:
     paired = _paired(results)
     table = "\n".join(lines + [""] + paired)
     print(table)
-    md = ["| measure, % (mean +- std, n seeds) | " + " | ".join(results) + " | chance |",
-          "|---|" + "---:|" * (len(results) + 1)]
+    md = [
+        "| measure, % (mean +- std, n seeds) | " + " | ".join(results) + " | chance |",
+        "|---|" + "---:|" * (len(results) + 1),
+    ]
     for label, key, c in MEASURES:
-        cells = [f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})"
-                 for v in ([100 * r[key] for r in rows_m] for rows_m in results.values())]
+        cells = [
+            f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})"
+            for v in ([100 * r[key] for r in rows_m] for rows_m in results.values())
+        ]
         md.append(f"| {label} | " + " | ".join(cells) + f" | {100 * chance[c]:.1f} |")
     (out / "scene_bias.md").write_text("\n".join(md) + "\n")
-    (out / "scene_bias.json").write_text(json.dumps({"corpus": CORPUS, "common_overrides": COMMON, "fixes": FIXED,
-                                                     "methods": {m: METHODS.get(m) for m in results},
-                                                     "chance": chance, "runs": results, "table": table}, indent=1))
+    (out / "scene_bias.json").write_text(
+        json.dumps(
+            {
+                "corpus": CORPUS,
+                "common_overrides": COMMON,
+                "fixes": FIXED,
+                "methods": {m: METHODS.get(m) for m in results},
+                "chance": chance,
+                "runs": results,
+                "table": table,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out / 'scene_bias.json'}, {out / 'scene_bias.md'}")
     print(f"wrote {plot(results, chance, out / 'scene_bias.png')}")
 
@@ -329,8 +385,11 @@ def _paired(results: dict) -> list[str]:
     for key in ("linear", "knn", "knn_centred", "swap"):
         diffs = [(r["seed"], 100 * (r[key] - base[r["seed"]][key])) for r in results["DCLR"] if r["seed"] in base]
         if diffs:
-            lines.append(f"  {key:12s} " + ", ".join(f"seed {s}: {d:+.1f}" for s, d in diffs)
-                         + f"; mean {statistics.mean(d for _, d in diffs):+.1f}")
+            lines.append(
+                f"  {key:12s} "
+                + ", ".join(f"seed {s}: {d:+.1f}" for s, d in diffs)
+                + f"; mean {statistics.mean(d for _, d in diffs):+.1f}"
+            )
     return lines
 
 

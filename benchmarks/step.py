@@ -94,8 +94,11 @@ def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
     cfg = ViewsConfig(frames=args.frames, size=args.size)
     rng = np.random.default_rng(0)
     frames = torch.randint(0, 256, (args.batch, 3, args.frames + 1, args.size, args.size), dtype=torch.uint8)
-    raw = {"q": frames, "k": frames.clone(),
-           "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, args.size, args.size) for _ in range(args.batch)]))}
+    raw = {
+        "q": frames,
+        "k": frames.clone(),
+        "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, args.size, args.size) for _ in range(args.batch)])),
+    }
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model.zero_grad()
         criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
@@ -121,11 +124,15 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
-    print(f"DCLR step on CPU (gloo, 1 thread per worker): tiny backbone width {args.width}, "
-          f"{args.batch} x 3 x {args.frames} x {args.size} x {args.size} per view per worker, "
-          f"queue {args.queue}; median of {args.steps} steps, rank 0, ms")
-    print(f"{'negatives':<10}{'world':>6}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'gather share':>14}"
-          f"{'host syncs':>12}")
+    print(
+        f"DCLR step on CPU (gloo, 1 thread per worker): tiny backbone width {args.width}, "
+        f"{args.batch} x 3 x {args.frames} x {args.size} x {args.size} per view per worker, "
+        f"queue {args.queue}; median of {args.steps} steps, rank 0, ms"
+    )
+    print(
+        f"{'negatives':<10}{'world':>6}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'gather share':>14}"
+        f"{'host syncs':>12}"
+    )
     ctx = mp.get_context("spawn")
     for in_batch in (False, True):
         for world in args.worlds:
@@ -135,8 +142,11 @@ def main() -> None:
             syncs = times.pop("syncs")
             median = {part: statistics.median(ts) for part, ts in times.items()}
             step = statistics.median(map(sum, zip(*times.values())))
-            print(f"{'in-batch' if in_batch else 'queue':<10}{world:>6}" + "".join(f"{median[p]:>10.1f}" for p in PARTS)
-                  + f"{step:>10.1f}{median['gather'] / step:>14.1%}{syncs:>12d}")
+            print(
+                f"{'in-batch' if in_batch else 'queue':<10}{world:>6}"
+                + "".join(f"{median[p]:>10.1f}" for p in PARTS)
+                + f"{step:>10.1f}{median['gather'] / step:>14.1%}{syncs:>12d}"
+            )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ import torch
 
 from dclr_dist import data
 from dclr_dist.config import load_config
+from dclr_dist.demo import DEMO_CONFIG
+from dclr_dist.engine import lr_lambda
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR
 from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
-from dclr_dist.demo import DEMO_CONFIG
-from dclr_dist.engine import lr_lambda
 from dclr_dist.train import fit
 
 
@@ -45,7 +45,7 @@ def plain_loop(cfg, epochs: int) -> list[float]:
     rates = []
     # One loader for the run, as the trainer's.
     it = iter(data.train_loader(cfg.data, cfg.views, rank=0, world_size=1, epochs=epochs))
-    for epoch in range(epochs):
+    for _ in range(epochs):
         start, samples = time.perf_counter(), 0
         for _ in range(batches):
             batch = data.to_device(next(it), "cpu", cfg.views)
@@ -67,14 +67,30 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    manifest = write_corpus(root / "videos", num_classes=6, train_per_class=16, test_per_class=1,
-                            workers=os.cpu_count() or 1, progress=False)
+    manifest = write_corpus(
+        root / "videos",
+        num_classes=6,
+        train_per_class=16,
+        test_per_class=1,
+        workers=os.cpu_count() or 1,
+        progress=False,
+    )
     shard_cfg = load_config(DEMO_CONFIG).shard
     pack(str(manifest), str(root / "train"), shard_cfg, split="train", workers=os.cpu_count() or 1, progress=False)
-    cfg = load_config(DEMO_CONFIG, [f"data.train=[{root / 'train'}]", "cluster.workers=1", f"train.epochs={args.epochs}",
-                                    f"train.storage_path={root / 'runs'}", "train.name=bench",
-                                    f"checkpoint.every={args.epochs}", "eval.every=0", "data.eval=[]",
-                                    *args.overrides])
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"data.train=[{root / 'train'}]",
+            "cluster.workers=1",
+            f"train.epochs={args.epochs}",
+            f"train.storage_path={root / 'runs'}",
+            "train.name=bench",
+            f"checkpoint.every={args.epochs}",
+            "eval.every=0",
+            "data.eval=[]",
+            *args.overrides,
+        ],
+    )
     torch.set_num_threads(1)  # a Ray worker with cpus_per_worker=1 gets one intra-op thread too
 
     plain = plain_loop(cfg, args.epochs)
@@ -82,19 +98,25 @@ def main() -> None:
     start = time.perf_counter()
     result = fit(cfg)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (root / "runs" / "bench" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (root / "runs" / "bench" / "metrics" / "metrics.jsonl").read_text().splitlines()
+    ]
     trainer = [r["samples_per_s_worker"] for r in rows if r["kind"] == "epoch"]
     assert result.error is None and len(trainer) == args.epochs
 
     p, t = statistics.mean(plain[1:]), statistics.mean(trainer[1:])
     samples = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1) * cfg.data.batch_size
-    print(f"config: dclr_dist/configs/demo.yaml, 1 worker, {args.epochs} epochs of {samples} samples, "
-          f"{cfg.model.arch} width {cfg.model.width}, {cfg.views.frames}x{cfg.views.size}x{cfg.views.size} clips")
+    print(
+        f"config: dclr_dist/configs/demo.yaml, 1 worker, {args.epochs} epochs of {samples} samples, "
+        f"{cfg.model.arch} width {cfg.model.width}, {cfg.views.frames}x{cfg.views.size}x{cfg.views.size} clips"
+    )
     print(f"{'':<28}{'samples/s (epochs 2+)':>22}{'per epoch':>40}")
     print(f"{'plain PyTorch loop':<28}{p:>22.1f}{'  ' + ', '.join(f'{r:.1f}' for r in plain):>40}")
     print(f"{'trainer (Ray+DeepSpeed)':<28}{t:>22.1f}{'  ' + ', '.join(f'{r:.1f}' for r in trainer):>40}")
-    print(f"trainer / plain = {t / p:.2f} (target >= 0.90: {'met' if t / p >= 0.9 else 'MISSED'}); "
-          f"trainer wall time incl. start-up {wall:.1f} s")
+    print(
+        f"trainer / plain = {t / p:.2f} (target >= 0.90: {'met' if t / p >= 0.9 else 'MISSED'}); "
+        f"trainer wall time incl. start-up {wall:.1f} s"
+    )
 
 
 if __name__ == "__main__":

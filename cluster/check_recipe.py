@@ -42,8 +42,10 @@ INSTANCES = {
 # Setup commands that download: the uv installer and uv's Python builds, pip and apt, and
 # the project's make rule, which pip-installs the pinned set from PyPI. node_check.sh
 # without --offline probes the internet and fails where there is none.
-_FETCHES = re.compile(r"\b(curl|wget)\b|\bpip3?\b.*\binstall\b|\buv\b.*\b(install|sync)\b|\bapt(-get)?\b.*\binstall\b"
-                      r"|\bmake\b|node_check\.sh(?!.*--offline)")
+_FETCHES = re.compile(
+    r"\b(curl|wget)\b|\bpip3?\b.*\binstall\b|\buv\b.*\b(install|sync)\b|\bapt(-get)?\b.*\binstall\b"
+    r"|\bmake\b|node_check\.sh(?!.*--offline)"
+)
 
 
 def _setup_commands(cfg: dict, name: str) -> list[str]:
@@ -68,8 +70,10 @@ def network_problems(cfg: dict) -> list[str]:
     """Why a node of ``cfg`` would not boot or not reach S3 under its metadata.network."""
     network = cfg.get("metadata", {}).get("network")
     if not isinstance(network, dict):
-        return ["metadata.network is missing: declare the nodes' default_route (nat, igw or none) and "
-                "s3_gateway_endpoint (cluster/README.md, Network)"]
+        return [
+            "metadata.network is missing: declare the nodes' default_route (nat, igw or none) and "
+            "s3_gateway_endpoint (cluster/README.md, Network)"
+        ]
     route, endpoint = network.get("default_route"), network.get("s3_gateway_endpoint")
     if route not in ("nat", "igw", "none"):
         return [f"metadata.network.default_route must be nat, igw or none, got {route!r}"]
@@ -77,21 +81,31 @@ def network_problems(cfg: dict) -> list[str]:
         return [f"metadata.network.s3_gateway_endpoint must be true or false, got {endpoint!r}"]
     problems = []
     if route != "igw" and not cfg["provider"].get("use_internal_ips", False):
-        problems.append(f"default_route {route} is a private subnet, which Ray's launcher refuses unless "
-                        "provider.use_internal_ips is true")
+        problems.append(
+            f"default_route {route} is a private subnet, which Ray's launcher refuses unless "
+            "provider.use_internal_ips is true"
+        )
     for name, node in cfg["available_node_types"].items():
         internet = route == "nat" or (route == "igw" and _has_public_ip(node["node_config"]))
-        why = ("it has no public address (several network interfaces) and its subnet's default route is an "
-               "internet gateway" if route == "igw" else "its subnet has no route out (default_route none)")
+        why = (
+            "it has no public address (several network interfaces) and its subnet's default route is an "
+            "internet gateway"
+            if route == "igw"
+            else "its subnet has no route out (default_route none)"
+        )
         if not internet:
             fetching = [c for c in _setup_commands(cfg, name) if _FETCHES.search(c)]
             if fetching:
-                problems.append(f"node type {name}: setup fetches from the internet ({fetching[0]!r}) but {why}: "
-                                "put the nodes in a private subnet behind a NAT gateway (default_route: nat), or "
-                                "bake the environment into the AMI and fetch nothing")
+                problems.append(
+                    f"node type {name}: setup fetches from the internet ({fetching[0]!r}) but {why}: "
+                    "put the nodes in a private subnet behind a NAT gateway (default_route: nat), or "
+                    "bake the environment into the AMI and fetch nothing"
+                )
             if not endpoint:
-                problems.append(f"node type {name}: no path to S3 (shards, checkpoints): {why} and there is no "
-                                "S3 gateway VPC endpoint (s3_gateway_endpoint: true)")
+                problems.append(
+                    f"node type {name}: no path to S3 (shards, checkpoints): {why} and there is no "
+                    "S3 gateway VPC endpoint (s3_gateway_endpoint: true)"
+                )
     return problems
 
 
@@ -100,8 +114,10 @@ def instance_problems(cfg: dict) -> list[str]:
     for name, node in cfg["available_node_types"].items():
         itype = node["node_config"].get("InstanceType")
         if itype not in INSTANCES:
-            problems.append(f"node type {name}: instance type {itype!r} is not in check_recipe.INSTANCES: "
-                            "add its vCPUs, GPUs and network cards")
+            problems.append(
+                f"node type {name}: instance type {itype!r} is not in check_recipe.INSTANCES: "
+                "add its vCPUs, GPUs and network cards"
+            )
             continue
         vcpus, gpus, cards = INSTANCES[itype]
         res = node["resources"]
@@ -113,8 +129,10 @@ def instance_problems(cfg: dict) -> list[str]:
         if any(n.get("InterfaceType") == "efa" for n in nics):
             indices = sorted(n.get("NetworkCardIndex", 0) for n in nics)
             if indices != list(range(cards)):
-                problems.append(f"node type {name}: EFA interfaces on network cards {indices}, but {itype} has "
-                                f"{cards} cards: one interface per card, 0 to {cards - 1}")
+                problems.append(
+                    f"node type {name}: EFA interfaces on network cards {indices}, but {itype} has "
+                    f"{cards} cards: one interface per card, 0 to {cards - 1}"
+                )
     return problems
 
 
@@ -134,9 +152,11 @@ def fit_problems(cfg: dict, config_path: str | Path) -> list[str]:
         per_node = int(res["GPU"] // cluster.gpus_per_worker)
         cpus = per_node * cluster.cpus_per_worker
         if cpus > res.get("CPU", 0):
-            problems.append(f"{config_path}: {per_node} workers x cluster.cpus_per_worker {cluster.cpus_per_worker:g} "
-                            f"= {cpus:g} CPUs, but node type {name} has {res.get('CPU', 0)}: workers would wait "
-                            "for CPUs that never come")
+            problems.append(
+                f"{config_path}: {per_node} workers x cluster.cpus_per_worker {cluster.cpus_per_worker:g} "
+                f"= {cpus:g} CPUs, but node type {name} has {res.get('CPU', 0)}: workers would wait "
+                "for CPUs that never come"
+            )
         capacity += per_node * min(node.get("max_workers", cfg["max_workers"]), cfg["max_workers"])
     if capacity < cluster.workers:
         problems.append(f"{config_path}: cluster.workers {cluster.workers}, but the GPU nodes hold {capacity} workers")
@@ -154,17 +174,22 @@ def check(cfg: dict, configs: list[str | Path]) -> list[str]:
         return [f"Ray's launcher schema: {e.message} (at {'/'.join(map(str, e.absolute_path)) or 'top level'})"]
     if cfg["provider"].get("type") != "aws":
         return [f"provider.type is {cfg['provider'].get('type')!r}: this checks AWS recipes"]
-    return (instance_problems(cfg) + network_problems(cfg)
-            + [p for c in configs for p in fit_problems(cfg, c)])
+    return instance_problems(cfg) + network_problems(cfg) + [p for c in configs for p in fit_problems(cfg, c)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python cluster/check_recipe.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python cluster/check_recipe.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("recipe", nargs="?", default=str(REPO / "cluster" / "aws.yaml"))
-    parser.add_argument("--config", action="append", metavar="FILE.yaml",
-                        help="a pretraining config the cluster must hold (repeatable; default "
-                             "dclr_dist/configs/k400_r2plus1d.yaml)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE.yaml",
+        help="a pretraining config the cluster must hold (repeatable; default dclr_dist/configs/k400_r2plus1d.yaml)",
+    )
     args = parser.parse_args(argv)
     cfg = yaml.safe_load(Path(args.recipe).read_text())
     problems = check(cfg, args.config or [REPO / "dclr_dist" / "configs" / "k400_r2plus1d.yaml"])

@@ -54,22 +54,52 @@ def pack_commands(args) -> list[list[str]]:
         annotations = getattr(args, f"{dataset}_annotations")
         for fold in args.folds:
             for split in ("train", "test"):
-                commands.append([
-                    sys.executable, "-m", "dclr_dist.shard", "--dataset", dataset, "--input", source,
-                    *(["--annotations", annotations] if annotations else []), "--fold", str(fold),
-                    "--split", split, "--output", shards_url(args.shards, dataset, fold, split),
-                    "--max-samples", str(args.max_samples), "--no-progress",
-                    *(["--workers", str(args.workers)] if args.workers else [])])
+                commands.append(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dclr_dist.shard",
+                        "--dataset",
+                        dataset,
+                        "--input",
+                        source,
+                        *(["--annotations", annotations] if annotations else []),
+                        "--fold",
+                        str(fold),
+                        "--split",
+                        split,
+                        "--output",
+                        shards_url(args.shards, dataset, fold, split),
+                        "--max-samples",
+                        str(args.max_samples),
+                        "--no-progress",
+                        *(["--workers", str(args.workers)] if args.workers else []),
+                    ]
+                )
     return commands
 
 
 def eval_command(args, dataset: str, fold: int, out: str) -> list[str]:
-    return [sys.executable, "-m", "dclr_dist.eval", "--checkpoint", args.checkpoint,
-            "--train", shards_url(args.shards, dataset, fold, "train"),
-            "--test", shards_url(args.shards, dataset, fold, "test"),
-            "--protocol", ",".join(PROTOCOLS), "--config", args.config, "--out", out,
-            # One fine-tuning run per fold under train.storage_path, named for it.
-            f"train.name=downstream-{dataset}-{fold}", *args.overrides]
+    return [
+        sys.executable,
+        "-m",
+        "dclr_dist.eval",
+        "--checkpoint",
+        args.checkpoint,
+        "--train",
+        shards_url(args.shards, dataset, fold, "train"),
+        "--test",
+        shards_url(args.shards, dataset, fold, "test"),
+        "--protocol",
+        ",".join(PROTOCOLS),
+        "--config",
+        args.config,
+        "--out",
+        out,
+        # One fine-tuning run per fold under train.storage_path, named for it.
+        f"train.name=downstream-{dataset}-{fold}",
+        *args.overrides,
+    ]
 
 
 def _run(command: list[str], dry_run: bool) -> None:
@@ -121,39 +151,61 @@ def summary(out: str, datasets=DATASETS, folds=FOLDS) -> tuple[str, int]:
             rows.append([dataset, protocol, *cells, mean])
     header = ["dataset", "protocol", *(f"split {f}" for f in folds), "mean"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"video-level top-1 (%), {'/'.join(map(str, sorted(c for c in clips if c)))} clips per video, from {out}"
-             if found else f"no report.json under {out}"]
-    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-              for r in [header, *rows]]
+    lines = [
+        f"video-level top-1 (%), {'/'.join(map(str, sorted(c for c in clips if c)))} clips per video, from {out}"
+        if found
+        else f"no report.json under {out}"
+    ]
+    lines += [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in [header, *rows]
+    ]
     return "\n".join(lines), found
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python cluster/downstream.py", description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        prog="python cluster/downstream.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("step", choices=STEPS)
     parser.add_argument("--ucf101", metavar="DIR", help="the UCF-101/ video folder (pack)")
-    parser.add_argument("--ucf101-annotations", metavar="DIR",
-                        help="ucfTrainTestlist/ (default: inside or next to the video folder)")
+    parser.add_argument(
+        "--ucf101-annotations", metavar="DIR", help="ucfTrainTestlist/ (default: inside or next to the video folder)"
+    )
     parser.add_argument("--hmdb51", metavar="DIR", help="the hmdb51_org/ video folder (pack)")
-    parser.add_argument("--hmdb51-annotations", metavar="DIR",
-                        help="testTrainMulti_7030_splits/ (default: inside or next to the video folder)")
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS,
-                        help="default: for pack, those whose folder is given; otherwise both")
+    parser.add_argument(
+        "--hmdb51-annotations",
+        metavar="DIR",
+        help="testTrainMulti_7030_splits/ (default: inside or next to the video folder)",
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", choices=DATASETS, help="default: for pack, those whose folder is given; otherwise both"
+    )
     parser.add_argument("--folds", nargs="+", type=int, choices=FOLDS, default=list(FOLDS))
     parser.add_argument("--shards", metavar="URL", help="where the packed folds go (a folder or s3://...)")
     parser.add_argument("--checkpoint", metavar="URL", help="the pretraining run or checkpoint to evaluate")
-    parser.add_argument("--out", metavar="URL", default="downstream",
-                        help="one folder of reports per fold (a folder or s3://...; default downstream)")
-    parser.add_argument("--config", default=os.path.relpath(REPO / CONFIG),
-                        help=f"the evaluation's config (default {CONFIG})")
-    parser.add_argument("--max-samples", type=int, default=32,
-                        help="videos per shard (default 32: UCF-101's ~9.5k train videos make ~300 shards, enough "
-                             "for every loader process of the fine-tuning to read its own)")
+    parser.add_argument(
+        "--out",
+        metavar="URL",
+        default="downstream",
+        help="one folder of reports per fold (a folder or s3://...; default downstream)",
+    )
+    parser.add_argument(
+        "--config", default=os.path.relpath(REPO / CONFIG), help=f"the evaluation's config (default {CONFIG})"
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=32,
+        help="videos per shard (default 32: UCF-101's ~9.5k train videos make ~300 shards, enough "
+        "for every loader process of the fine-tuning to read its own)",
+    )
     parser.add_argument("--workers", type=int, help="transcoding processes (default: all cores)")
     parser.add_argument("--force", action="store_true", help="evaluate folds that have a report")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

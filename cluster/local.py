@@ -88,8 +88,9 @@ def _ray_bin() -> str:
     # The `ray` beside this interpreter: the venv's, whatever PATH says.
     ray = Path(sys.executable).parent / "ray"
     if not ray.exists():
-        raise ClusterError(f"no `ray` command beside {sys.executable}: "
-                           "pip install 'ray[default]' into this environment")
+        raise ClusterError(
+            f"no `ray` command beside {sys.executable}: pip install 'ray[default]' into this environment"
+        )
     return str(ray)
 
 
@@ -120,14 +121,29 @@ def _node_args(temp_dir: Path, cpus: float, object_store_mb: int) -> list[str]:
     # nodes on one machine, or someone else's cluster, would fight over: choose them all.
     node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics = _free_ports(6)
     return [
-        "--block", "--temp-dir", str(temp_dir), "--num-cpus", f"{cpus:g}",
+        "--block",
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        f"{cpus:g}",
         # Every fake node would otherwise claim all of this machine's GPUs.
-        "--num-gpus", "0",
+        "--num-gpus",
+        "0",
         # Ray's default is 30% of memory per node; several nodes on a shared box need far less.
-        "--object-store-memory", str(object_store_mb * 2**20),
-        "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+        "--object-store-memory",
+        str(object_store_mb * 2**20),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
         "--disable-usage-stats",
     ]
 
@@ -136,7 +152,8 @@ def _launch(name: str, args: list[str], root: Path, job_address: str) -> subproc
     # The caller's RAY_ADDRESS (another cluster) must not leak into this one's processes.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env.update(
-        CLIENT_ENV, RAY_USAGE_STATS_ENABLED="0",
+        CLIENT_ENV,
+        RAY_USAGE_STATS_ENABLED="0",
         # Draining on SIGTERM lets Serve quiesce; here it would only make `stop` wait 30 s.
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         # State-API clients inside the cluster (Ray Train's placement-group cleaner) find their
@@ -145,11 +162,18 @@ def _launch(name: str, args: list[str], root: Path, job_address: str) -> subproc
         RAY_API_SERVER_ADDRESS=job_address,
         # Job entrypoints say `python`: it must be this environment's (with torch and the
         # project), not whatever a non-activated shell finds first on PATH.
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     with open(root / f"{name}.log", "wb") as log:
         # A session of its own: the node outlives `local.py start` and a Ctrl-C in its terminal.
-        return subprocess.Popen([_ray_bin(), "start", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [_ray_bin(), "start", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _get(url: str, token: str):
@@ -160,8 +184,10 @@ def _get(url: str, token: str):
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise ClusterError(f"{url} refused the token of this machine ({e.code}): was the cluster started by "
-                               "another user, or with RAY_AUTH_TOKEN set to something else?") from None
+            raise ClusterError(
+                f"{url} refused the token of this machine ({e.code}): was the cluster started by "
+                "another user, or with RAY_AUTH_TOKEN set to something else?"
+            ) from None
         return None
     except OSError:
         return None
@@ -169,8 +195,9 @@ def _get(url: str, token: str):
 
 def alive_nodes(job_address: str, token: str) -> list[dict]:
     """The nodes the head reports alive: node_id, is_head_node, resources_total, ..."""
-    reply = _get(f"{job_address}/api/v0/nodes?limit=1000&filter_keys=state&filter_predicates=%3D"
-                 "&filter_values=ALIVE", token)
+    reply = _get(
+        f"{job_address}/api/v0/nodes?limit=1000&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE", token
+    )
     return reply["data"]["result"]["result"] if reply else []
 
 
@@ -187,27 +214,37 @@ def _wait(what: str, ready, procs: dict[str, subprocess.Popen], root: Path, time
         for name, p in procs.items():
             if p.poll() is not None:
                 log = root / f"{name}.log"
-                raise ClusterError(f"{name} exited with code {p.returncode} while waiting for {what}; "
-                                   f"{log} ends with:\n{_tail(log)}")
+                raise ClusterError(
+                    f"{name} exited with code {p.returncode} while waiting for {what}; {log} ends with:\n{_tail(log)}"
+                )
         if ready():
             return
         time.sleep(0.5)
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}; the logs are in {root}")
 
 
-def start(nodes: int = 2, cpus_per_node: float = 1, head_cpus: float = 0, root: str | Path = DEFAULT_ROOT,
-          object_store_mb: int = 128, timeout: float = 120.0) -> LocalCluster:
+def start(
+    nodes: int = 2,
+    cpus_per_node: float = 1,
+    head_cpus: float = 0,
+    root: str | Path = DEFAULT_ROOT,
+    object_store_mb: int = 128,
+    timeout: float = 120.0,
+) -> LocalCluster:
     """Start a head and ``nodes`` worker nodes; return once the head sees all of them alive.
 
     If anything fails on the way, whatever was started is stopped before the error is raised.
     """
     if nodes < 0 or cpus_per_node < 0 or head_cpus < 0:
-        raise ClusterError(f"--nodes, --cpus-per-node and --head-cpus must be >= 0, got {nodes}, {cpus_per_node}, "
-                           f"{head_cpus}")
+        raise ClusterError(
+            f"--nodes, --cpus-per-node and --head-cpus must be >= 0, got {nodes}, {cpus_per_node}, {head_cpus}"
+        )
     root = Path(root)
     if (root / STATE_FILE).exists():
-        raise ClusterError(f"a local cluster is already recorded in {root / STATE_FILE}: stop it with "
-                           f"`python cluster/local.py stop --root {root}`, or choose another --root")
+        raise ClusterError(
+            f"a local cluster is already recorded in {root / STATE_FILE}: stop it with "
+            f"`python cluster/local.py stop --root {root}`, or choose another --root"
+        )
     root.mkdir(parents=True, exist_ok=True)
     token = _token()
     gcs_port, dashboard_port, client_port = _free_ports(3)
@@ -221,9 +258,23 @@ def start(nodes: int = 2, cpus_per_node: float = 1, head_cpus: float = 0, root: 
         (root / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=2))
 
     try:
-        launch("head", ["--head", "--port", str(gcs_port), "--include-dashboard", "true", "--dashboard-host", HOST,
-                        "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)],
-               head_cpus)
+        launch(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(gcs_port),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                HOST,
+                "--dashboard-port",
+                str(dashboard_port),
+                "--ray-client-server-port",
+                str(client_port),
+            ],
+            head_cpus,
+        )
         # `ray start --head` writes the GCS address it published (this machine's IP) last, over
         # the one a previous cluster in the same root may have left.
         published = root / "head" / "ray_current_cluster"
@@ -237,8 +288,13 @@ def start(nodes: int = 2, cpus_per_node: float = 1, head_cpus: float = 0, root: 
         cluster.gcs_address = published.read_text().strip()
         for i in range(1, nodes + 1):
             launch(f"node{i}", ["--address", cluster.gcs_address], cpus_per_node)
-        _wait(f"{nodes + 1} alive nodes", lambda: len(alive_nodes(cluster.job_address, token)) == nodes + 1,
-              procs, root, timeout)
+        _wait(
+            f"{nodes + 1} alive nodes",
+            lambda: len(alive_nodes(cluster.job_address, token)) == nodes + 1,
+            procs,
+            root,
+            timeout,
+        )
     except BaseException:
         stop(root)
         raise
@@ -335,33 +391,51 @@ def _print_addresses(cluster: LocalCluster) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python cluster/local.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python cluster/local.py",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start a head and N worker nodes, print the addresses to use")
     p_start.add_argument("--nodes", type=int, default=2, help="worker nodes besides the head (default 2)")
     p_start.add_argument("--cpus-per-node", type=float, default=1, help="CPUs each worker node offers (default 1)")
-    p_start.add_argument("--head-cpus", type=float, default=0,
-                         help="CPUs the head offers (default 0: no training worker lands on the head)")
+    p_start.add_argument(
+        "--head-cpus",
+        type=float,
+        default=0,
+        help="CPUs the head offers (default 0: no training worker lands on the head)",
+    )
     p_start.add_argument("--object-store-mb", type=int, default=128, help="object store per node (default 128)")
-    for p in (p_start, sub.add_parser("status", help="the recorded nodes and what the head sees"),
-              sub.add_parser("stop", help="stop every process of the cluster")):
-        p.add_argument("--root", default=str(DEFAULT_ROOT),
-                       help=f"state, logs and Ray temp dirs; keep the path short (default {DEFAULT_ROOT})")
+    for p in (
+        p_start,
+        sub.add_parser("status", help="the recorded nodes and what the head sees"),
+        sub.add_parser("stop", help="stop every process of the cluster"),
+    ):
+        p.add_argument(
+            "--root",
+            default=str(DEFAULT_ROOT),
+            help=f"state, logs and Ray temp dirs; keep the path short (default {DEFAULT_ROOT})",
+        )
     args = parser.parse_args(argv)
 
     try:
         if args.command == "start":
             cluster = start(args.nodes, args.cpus_per_node, args.head_cpus, args.root, args.object_store_mb)
-            print(f"local Ray cluster up: a head with {args.head_cpus:g} CPU and {args.nodes} worker node(s) of "
-                  f"{args.cpus_per_node:g} CPU; state and logs in {args.root}")
+            print(
+                f"local Ray cluster up: a head with {args.head_cpus:g} CPU and {args.nodes} worker node(s) of "
+                f"{args.cpus_per_node:g} CPU; state and logs in {args.root}"
+            )
             _print_addresses(cluster)
             print(f"stop it with: python cluster/local.py stop --root {args.root}")
             return 0
         if args.command == "stop":
             n = stop(args.root)
-            print(f"stopped the local cluster in {args.root} ({n} processes)" if n else
-                  f"no local cluster running in {args.root}")
+            print(
+                f"stopped the local cluster in {args.root} ({n} processes)"
+                if n
+                else f"no local cluster running in {args.root}"
+            )
             return 0
         cluster = load(args.root)
         if cluster is None:

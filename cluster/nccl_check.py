@@ -37,8 +37,19 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
-          "G": 2**30, "GB": 2**30, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
@@ -88,13 +99,17 @@ def verdict(networks: list[str | None]) -> str | None:
     """None if every rank's NCCL uses the fabric, else the reason, for one line of output."""
     missing = [r for r, n in enumerate(networks) if n is None]
     if missing:
-        return (f"NCCL's log names no network on rank(s) {missing[:8]}: was NCCL_DEBUG_FILE written? "
-                "(run again; see the ranks' logs in the Ray dashboard)")
+        return (
+            f"NCCL's log names no network on rank(s) {missing[:8]}: was NCCL_DEBUG_FILE written? "
+            "(run again; see the ranks' logs in the Ray dashboard)"
+        )
     socket_ranks = [r for r, n in enumerate(networks) if n == "Socket"]
     if socket_ranks:
-        return (f"NCCL uses TCP sockets between nodes (Using network Socket on {len(socket_ranks)} of {len(networks)} "
-                "ranks), not the fabric: aws-ofi-nccl was not loaded (on the workers: LD_LIBRARY_PATH with "
-                "/opt/amazon/ofi-nccl/lib, FI_PROVIDER=efa; cluster/README.md, NCCL fabric gate)")
+        return (
+            f"NCCL uses TCP sockets between nodes (Using network Socket on {len(socket_ranks)} of {len(networks)} "
+            "ranks), not the fabric: aws-ofi-nccl was not loaded (on the workers: LD_LIBRARY_PATH with "
+            "/opt/amazon/ofi-nccl/lib, FI_PROVIDER=efa; cluster/README.md, NCCL fabric gate)"
+        )
     other = sorted({n for n in networks if not is_fabric(n)})
     if other:
         return f"NCCL uses network(s) {other}, which are neither EFA (Libfabric/OFI) nor InfiniBand"
@@ -109,8 +124,12 @@ class Rank:
         with socket.socket() as s:  # rank 0's port for torch.distributed's rendezvous
             s.bind(("", 0))
             port = s.getsockname()[1]
-        return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "port": port,
+        }
 
     def run(self, spec: dict) -> dict:
         import torch
@@ -121,16 +140,22 @@ class Rank:
             # As Ray Train: the ranks of a node see all of its GPUs, so NCCL finds its NVLink peers.
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec["node_gpus"])
             if not torch.cuda.is_available():
-                raise RuntimeError(f"CUDA is not available on {ray.util.get_node_ip_address()}: torch "
-                                   f"{torch.__version__} is built for CUDA {torch.version.cuda}, whose NVIDIA driver "
-                                   "this node lacks")
+                raise RuntimeError(
+                    f"CUDA is not available on {ray.util.get_node_ip_address()}: torch "
+                    f"{torch.__version__} is built for CUDA {torch.version.cuda}, whose NVIDIA driver "
+                    "this node lacks"
+                )
             torch.cuda.set_device(spec["local_rank"])
             device = torch.device("cuda", spec["local_rank"])
         else:
             device = torch.device("cpu")
         os.environ.update(MASTER_ADDR=spec["master_addr"], MASTER_PORT=str(spec["master_port"]))
-        dist.init_process_group(spec["backend"], rank=spec["rank"], world_size=spec["world"],
-                                timeout=datetime.timedelta(seconds=spec["timeout"]))
+        dist.init_process_group(
+            spec["backend"],
+            rank=spec["rank"],
+            world_size=spec["world"],
+            timeout=datetime.timedelta(seconds=spec["timeout"]),
+        )
         world = spec["world"]
 
         def sync() -> None:
@@ -142,8 +167,10 @@ class Rank:
             full = torch.ones(max(nbytes // 4, world), device=device)
             part = full[: full.numel() // world].clone()
             gathered = torch.empty(part.numel() * world, device=device)
-            ops = {"all_reduce": lambda: dist.all_reduce(full),
-                   "all_gather": lambda: dist.all_gather_single(gathered, part)}
+            ops = {
+                "all_reduce": lambda full=full: dist.all_reduce(full),
+                "all_gather": lambda gathered=gathered, part=part: dist.all_gather_single(gathered, part),
+            }
             for op, fn in ops.items():
                 for _ in range(spec["warmup"]):
                     fn()
@@ -163,26 +190,51 @@ class Rank:
                 with open(path, errors="replace") as f:
                     lines += [ln.rstrip("\n") for ln in f if "NCCL INFO" in ln]
                 os.unlink(path)
-        return {"rank": spec["rank"], "times": times, "nccl_lines": lines,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if nccl else None}
+        return {
+            "rank": spec["rank"],
+            "times": times,
+            "nccl_lines": lines,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if nccl else None,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python cluster/nccl_check.py", description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python cluster/nccl_check.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--nodes", type=int, default=2, help="distinct nodes to span (>= 2; default 2)")
-    parser.add_argument("--ranks-per-node", type=int, default=8,
-                        help="ranks on each node, one GPU each with nccl (default 8: a p4d or p5 node)")
-    parser.add_argument("--backend", choices=("nccl", "gloo"), default="nccl",
-                        help="nccl (default, GPUs) or gloo (CPUs: no transport check)")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[4 * 2**10, 100 * 2**20],
-                        metavar="SIZE", help="message sizes (default 4KiB 100MiB)")
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=8,
+        help="ranks on each node, one GPU each with nccl (default 8: a p4d or p5 node)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("nccl", "gloo"),
+        default="nccl",
+        help="nccl (default, GPUs) or gloo (CPUs: no transport check)",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=[4 * 2**10, 100 * 2**20],
+        metavar="SIZE",
+        help="message sizes (default 4KiB 100MiB)",
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per operation and size (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
-    parser.add_argument("--timeout", type=float, default=900,
-                        help="seconds to wait for the nodes (GPU nodes take 10-15 minutes to come up) and for "
-                             "the process group (default 900)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds to wait for the nodes (GPU nodes take 10-15 minutes to come up) and for "
+        "the process group (default 900)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.ranks_per_node < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--nodes must be >= 2, --ranks-per-node and --iters >= 1, --warmup >= 0")
@@ -193,15 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     pg = placement_group([bundle] * args.nodes, strategy="STRICT_SPREAD")
     try:
         if not pg.wait(timeout_seconds=args.timeout):
-            print(f"nccl_check: FAIL: could not place {args.ranks_per_node} rank(s) of {bundle} on each of "
-                  f"{args.nodes} distinct nodes within {args.timeout:g} s; the cluster has {ray.cluster_resources()}",
-                  file=sys.stderr)
+            print(
+                f"nccl_check: FAIL: could not place {args.ranks_per_node} rank(s) of {bundle} on each of "
+                f"{args.nodes} distinct nodes within {args.timeout:g} s; the cluster has {ray.cluster_resources()}",
+                file=sys.stderr,
+            )
             return 1
         log_pattern = os.path.join(tempfile.gettempdir(), f"dclr-nccl-check-{uuid.uuid4().hex[:8]}.%h.%p.log")
         env = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET", "NCCL_DEBUG_FILE": log_pattern} if nccl else {}
-        ranks = [Rank.options(num_cpus=1, num_gpus=1 if nccl else 0, runtime_env={"env_vars": env},
-                              scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b))
-                 .remote() for b in range(args.nodes) for _ in range(args.ranks_per_node)]
+        ranks = [
+            Rank.options(
+                num_cpus=1,
+                num_gpus=1 if nccl else 0,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
+            ).remote()
+            for b in range(args.nodes)
+            for _ in range(args.ranks_per_node)
+        ]
         where = ray.get([r.where.remote() for r in ranks])
         node_gpus = {}
         for w in where:
@@ -209,25 +270,40 @@ def main(argv: list[str] | None = None) -> int:
         specs = []
         for rank, w in enumerate(where):
             gpus = sorted(node_gpus[w["node"]], key=int)
-            specs.append({"rank": rank, "world": len(ranks), "backend": args.backend, "node_gpus": gpus,
-                          "local_rank": gpus.index(w["gpus"][0]) if nccl else 0,
-                          "master_addr": where[0]["ip"], "master_port": where[0]["port"], "sizes": args.sizes,
-                          "iters": args.iters, "warmup": args.warmup, "timeout": args.timeout,
-                          "log_pattern": log_pattern})
+            specs.append(
+                {
+                    "rank": rank,
+                    "world": len(ranks),
+                    "backend": args.backend,
+                    "node_gpus": gpus,
+                    "local_rank": gpus.index(w["gpus"][0]) if nccl else 0,
+                    "master_addr": where[0]["ip"],
+                    "master_port": where[0]["port"],
+                    "sizes": args.sizes,
+                    "iters": args.iters,
+                    "warmup": args.warmup,
+                    "timeout": args.timeout,
+                    "log_pattern": log_pattern,
+                }
+            )
         try:
             results = ray.get([r.run.remote(s) for r, s in zip(ranks, specs)])
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None) or e
-            print(f"nccl_check: FAIL: a rank failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}",
-                  file=sys.stderr)
+            print(
+                f"nccl_check: FAIL: a rank failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}",
+                file=sys.stderr,
+            )
             return 1
     finally:
         remove_placement_group(pg)
 
     world = len(results)
     nodes = len({w["node"] for w in where})
-    print(f"nccl_check: {nodes} nodes x {args.ranks_per_node} ranks, backend {args.backend}"
-          + (f", NCCL {results[0]['nccl']}" if nccl else ""))
+    print(
+        f"nccl_check: {nodes} nodes x {args.ranks_per_node} ranks, backend {args.backend}"
+        + (f", NCCL {results[0]['nccl']}" if nccl else "")
+    )
     print(f"{'operation':<11} {'size':>9} {'time':>11} {'bus bandwidth':>14}")
     bandwidth = {}
     for nbytes in args.sizes:

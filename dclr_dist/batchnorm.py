@@ -56,8 +56,10 @@ class ViewBatchNorm(nn.BatchNorm3d):
         sizes = self.segments or [x.shape[0]]
         if self.group is not None:
             return self._synced(x, sizes)
-        out = [F.batch_norm(part, *self._running(i), self.weight, self.bias, True, self.momentum, self.eps)
-               for i, part in enumerate(x.split(sizes))]
+        out = [
+            F.batch_norm(part, *self._running(i), self.weight, self.bias, True, self.momentum, self.eps)
+            for i, part in enumerate(x.split(sizes))
+        ]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def _running(self, segment: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -86,8 +88,7 @@ class ViewBatchNorm(nn.BatchNorm3d):
             if i < self.rgb:
                 with torch.no_grad():
                     self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype),
-                                           self.momentum)
+                    self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
                     self.num_batches_tracked.add_(1)
             out.append(p * scale.view(-1, 1, 1, 1).to(p.dtype) + shift.view(-1, 1, 1, 1).to(p.dtype))
         return torch.cat(out)
@@ -96,8 +97,7 @@ class ViewBatchNorm(nn.BatchNorm3d):
 def convert(module: nn.Module) -> nn.Module:
     """Every BatchNorm3d of ``module`` as a ViewBatchNorm with the same parameters and buffers."""
     if isinstance(module, nn.BatchNorm3d) and not isinstance(module, ViewBatchNorm):
-        bn = ViewBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                           module.track_running_stats)
+        bn = ViewBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         bn.load_state_dict(module.state_dict())
         return bn
     for name, child in module.named_children():

@@ -38,9 +38,11 @@ def resolve_checkpoint(url: str) -> str:
     for folder in (url, storage.join(url, "best")):
         if storage.exists(storage.join(folder, "backbone.pt")):
             return folder
-    raise CheckpointError(f"{url}: no backbone.pt here or in best/. Pass a checkpoint folder written by "
-                    "`python -m dclr_dist.train` (backbone.pt + meta.json: a run's checkpoint_*/ or best/), "
-                    "or the run folder itself")
+    raise CheckpointError(
+        f"{url}: no backbone.pt here or in best/. Pass a checkpoint folder written by "
+        "`python -m dclr_dist.train` (backbone.pt + meta.json: a run's checkpoint_*/ or best/), "
+        "or the run folder itself"
+    )
 
 
 def load_meta(folder: str) -> dict:
@@ -52,8 +54,10 @@ def load_meta(folder: str) -> dict:
         raise CheckpointError(f"{folder}/meta.json: not JSON ({e})") from None
     model = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(model, dict) or not {"arch", "width"} <= model.keys() or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{folder}/meta.json: not written by `python -m dclr_dist.train` (it needs model.arch, "
-                        "model.width and config)")
+        raise CheckpointError(
+            f"{folder}/meta.json: not written by `python -m dclr_dist.train` (it needs model.arch, "
+            "model.width and config)"
+        )
     return meta
 
 
@@ -64,16 +68,20 @@ def load_backbone(folder: str, meta: dict) -> tuple[nn.Module, int]:
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, "backbone.pt"))), weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{folder}/backbone.pt: refusing to load: it holds objects other than tensors and plain "
-                        "data (torch's weights-only unpickler refused it, as unpickling could run code); use a "
-                        "backbone.pt written by the trainer or `python -m dclr_dist.export`") from None
+        raise CheckpointError(
+            f"{folder}/backbone.pt: refusing to load: it holds objects other than tensors and plain "
+            "data (torch's weights-only unpickler refused it, as unpickling could run code); use a "
+            "backbone.pt written by the trainer or `python -m dclr_dist.export`"
+        ) from None
     try:
         f.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CheckpointError(f"{folder}/backbone.pt does not fit the {arch} backbone of width {width} that its "
-                        f"meta.json names ({first} ...): the folder mixes files of two runs; use a checkpoint "
-                        "folder as the trainer wrote it") from None
+        raise CheckpointError(
+            f"{folder}/backbone.pt does not fit the {arch} backbone of width {width} that its "
+            f"meta.json names ({first} ...): the folder mixes files of two runs; use a checkpoint "
+            "folder as the trainer wrote it"
+        ) from None
     return f.eval(), C
 
 
@@ -113,12 +121,16 @@ def load_checkpoint(engine, folder: str, where: str) -> dict:
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         what = next((line.split("GLOBAL ", 1)[1].split()[0] for line in lines if "GLOBAL " in line), None)
-        reason = f"it unpickles {what}" if what else next(
-            (line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
+        reason = (
+            f"it unpickles {what}"
+            if what
+            else next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0])
+        )
         raise RuntimeError(
             f"{where}: refusing to resume: the checkpoint holds more than tensors and plain data ({reason}), "
             "so loading it could run code planted in it. Check who can write the run's storage; choose a new "
-            "train.name to start afresh.") from None
+            "train.name to start afresh."
+        ) from None
     finally:
         if saved is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
@@ -136,37 +148,52 @@ def resume_refusal(saved_workers: int, saved_stage: int, workers: int, stage: in
     conversion to its universal format; one stage's state does not load into another's.
     """
     if saved_stage != stage:
-        return (f"was written with engine.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
-                f"optimizer state does not load into another's. Set engine.zero_stage={saved_stage} to resume it")
+        return (
+            f"was written with engine.zero_stage={saved_stage} and this run has {stage}: one ZeRO stage's "
+            f"optimizer state does not load into another's. Set engine.zero_stage={saved_stage} to resume it"
+        )
     if saved_workers != workers and stage:
-        return (f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: "
-                f"ZeRO-{stage} optimizer shards do not re-partition (stage 0 runs resume at any cluster.workers). "
-                f"Set cluster.workers={saved_workers} to resume it")
+        return (
+            f"was written by {saved_workers} workers at ZeRO stage {stage} and this run has {workers}: "
+            f"ZeRO-{stage} optimizer shards do not re-partition (stage 0 runs resume at any cluster.workers). "
+            f"Set cluster.workers={saved_workers} to resume it"
+        )
     return None
 
 
 def checkpoint_meta(cfg: Config, world: int, epoch: int) -> dict:
     """meta.json of a checkpoint and of best/: what `python -m dclr_dist.eval` needs to rebuild f."""
-    return {"world_size": world, "epoch": epoch + 1,
-            "model": {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": epoch + 1}, "config": cfg.to_dict()}
+    return {
+        "world_size": world,
+        "epoch": epoch + 1,
+        "model": {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": epoch + 1},
+        "config": cfg.to_dict(),
+    }
 
 
-def report_with_checkpoint(engine, criterion, cfg: Config, epoch: int, best: dict, world: int, rank: int,
-                            run_url: str, metrics: dict) -> None:
+def report_with_checkpoint(
+    engine, criterion, cfg: Config, epoch: int, best: dict, world: int, rank: int, run_url: str, metrics: dict
+) -> None:
     import ray.train
 
     # Uploaded in the background while training goes on, so the folder outlives this call;
     # Ray deletes it once uploaded. latest.json follows from Train's controller (latest_json_callback).
     d = tempfile.mkdtemp(prefix=f"dclr-checkpoint-{cfg.train.name}-")
     try:
-        engine.save_checkpoint(d, tag=CHECKPOINT_TAG, client_state={
-            "epoch": epoch, "best": best, "criterion": criterion.state_dict(), "metrics": metrics})
+        engine.save_checkpoint(
+            d,
+            tag=CHECKPOINT_TAG,
+            client_state={"epoch": epoch, "best": best, "criterion": criterion.state_dict(), "metrics": metrics},
+        )
         if rank == 0:
             (Path(d) / "backbone.pt").write_bytes(export_backbone(engine))
             (Path(d) / "meta.json").write_text(json.dumps(checkpoint_meta(cfg, world, epoch)))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise
@@ -179,8 +206,10 @@ def save_best(engine, cfg: Config, world: int, epoch: int, run_url: str, metrics
     checkpoints is not lost; meta.json last, as the mark of a complete pair.
     """
     storage.write_bytes(storage.join(run_url, "best/backbone.pt"), export_backbone(engine))
-    storage.write_bytes(storage.join(run_url, "best/meta.json"),
-                        json.dumps({**checkpoint_meta(cfg, world, epoch), "metrics": metrics}).encode())
+    storage.write_bytes(
+        storage.join(run_url, "best/meta.json"),
+        json.dumps({**checkpoint_meta(cfg, world, epoch), "metrics": metrics}).encode(),
+    )
 
 
 def latest_json_callback(run_url: str):
@@ -197,8 +226,10 @@ def latest_json_callback(run_url: str):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if checkpoint is not None:
                 m = metrics[0]
-                storage.write_bytes(storage.join(run_url, "latest.json"), json.dumps(
-                    {"world_size": m["world_size"], "epoch": m["epoch"], "metrics": m}).encode())
+                storage.write_bytes(
+                    storage.join(run_url, "latest.json"),
+                    json.dumps({"world_size": m["world_size"], "epoch": m["epoch"], "metrics": m}).encode(),
+                )
 
     return LatestJson()
 
@@ -215,6 +246,7 @@ def latest(run_url: str, workers: int, zero_stage: int) -> int | None:
     saved_stage = saved["metrics"].get("zero_stage")
     why = saved_stage is not None and resume_refusal(saved["world_size"], saved_stage, workers, zero_stage)
     if why:
-        raise ValueError(f"{run_url}: the checkpoint of epoch {saved['epoch']} {why}, or choose a new "
-                         "train.name to start afresh.")
+        raise ValueError(
+            f"{run_url}: the checkpoint of epoch {saved['epoch']} {why}, or choose a new train.name to start afresh."
+        )
     return saved["epoch"]

@@ -31,9 +31,20 @@ def ensure_demo_shards(cfg: Config, root: Path = DEMO_SHARDS) -> None:
     print(f"demo: writing the synthetic scene-bias corpus and its shards under {root}", flush=True)
     # The scene-bias benchmark's corpus (README) with two thirds of its training videos: the
     # same 4 translations, 64x64 videos of 48 frames, so the demo repeats a measured recipe.
-    manifest = write_corpus(root / "videos", num_classes=4, train_per_class=32, test_per_class=24, train_scenes=12,
-                            test_scenes=6, val_per_class=12, val_scenes=6, frames=48, size=64,
-                            workers=os.cpu_count() or 1, progress=True)
+    manifest = write_corpus(
+        root / "videos",
+        num_classes=4,
+        train_per_class=32,
+        test_per_class=24,
+        train_scenes=12,
+        test_scenes=6,
+        val_per_class=12,
+        val_scenes=6,
+        frames=48,
+        size=64,
+        workers=os.cpu_count() or 1,
+        progress=True,
+    )
     for split in DEMO_SPLITS:
         pack(str(manifest), str(root / split), cfg.shard, split=split, workers=os.cpu_count() or 1)
 
@@ -42,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.demo",
         description="The demo: synthetic scene-bias shards under ./shards/demo (made on first use), DCLR "
-                    "pretraining on a local Ray cluster of CPU workers (recipe: demo), then the linear, k-NN "
-                    "and scene protocols on the test split's unseen scenes. About 20 minutes on 2 cores.",
-        epilog="Runs go to ./runs/demo; running it again resumes (or, once finished, re-evaluates) that run.")
+        "pretraining on a local Ray cluster of CPU workers (recipe: demo), then the linear, k-NN "
+        "and scene protocols on the test split's unseen scenes. About 20 minutes on 2 cores.",
+        epilog="Runs go to ./runs/demo; running it again resumes (or, once finished, re-evaluates) that run.",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=4")
     args = parser.parse_args(argv)
     try:

@@ -43,7 +43,11 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         # overlap_comm and the bucket size act at stages 1-2 (stage 0's all-reduce is
         # OverlappedAllReduce's); there overlap_comm defaults to off.
-        "zero_optimization": {"stage": cfg.engine.zero_stage, "overlap_comm": True, "reduce_bucket_size": BUCKET_ELEMENTS},
+        "zero_optimization": {
+            "stage": cfg.engine.zero_stage,
+            "overlap_comm": True,
+            "reduce_bucket_size": BUCKET_ELEMENTS,
+        },
         # ZeRO with a torch.optim optimizer: no fused-Adam extension to compile on CPU nodes.
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -149,8 +153,9 @@ def build_engine(model, cfg: Config, world_size: int, steps_per_epoch: int):
     params = [p for p in model.parameters() if p.requires_grad]  # the key encoder moves by momentum only
     optimizer = make_optimizer(params, cfg, base_lr(cfg, world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg), dist_init_required=False
+    )
     if cfg.engine.zero_stage == 0:
         OverlappedAllReduce(engine, BUCKET_ELEMENTS)  # lives on in the parameters' hooks
     return engine

@@ -38,8 +38,14 @@ PROTOCOLS = ("linear", "knn", "scene", "finetune")
 
 # --------------------------------------------------------------------------- config
 
-def eval_config(meta: dict, train: list[str], test: list[str], config: str | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+
+def eval_config(
+    meta: dict,
+    train: list[str],
+    test: list[str],
+    config: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
     """The checkpoint's config (or ``config``, a YAML file) with ``key=value`` overrides applied,
     validated, and ``data.train``/``data.eval`` set to the train and test shards.
 
@@ -52,14 +58,16 @@ def eval_config(meta: dict, train: list[str], test: list[str], config: str | Non
     cfg.data.train, cfg.data.eval = list(train), list(test)
     got, want = (cfg.model.arch, cfg.model.width), (meta["model"]["arch"], meta["model"]["width"])
     if got != want:
-        raise EvalError(f"the checkpoint holds a {want[0]} backbone of width {want[1]} and the config asks for "
-                        f"{got[0]} of width {got[1]}: evaluate a checkpoint of that backbone, or leave model.* "
-                        "as the checkpoint has it")
+        raise EvalError(
+            f"the checkpoint holds a {want[0]} backbone of width {want[1]} and the config asks for "
+            f"{got[0]} of width {got[1]}: evaluate a checkpoint of that backbone, or leave model.* "
+            "as the checkpoint has it"
+        )
     return cfg
 
 
-
 # --------------------------------------------------------------------------- the whole evaluation
+
 
 def _index_classes(urls: list[str]) -> list[str] | None:
     """Class names from the index.json files behind ``urls``; None if any entry is a bare .tar."""
@@ -84,24 +92,35 @@ def _classes(train: list[str], test: list[str], labels: list[torch.Tensor]) -> l
     """Class names by label index; train and test must share them."""
     a, b = _index_classes(train), _index_classes(test)
     if a is not None and b is not None and a != b:
-        raise EvalError(f"the train and test shards were packed with different class lists ({a} and {b}), so "
-                        "their label indices mean different classes: pack both splits from one corpus in "
-                        "which every class has videos in each split")
+        raise EvalError(
+            f"the train and test shards were packed with different class lists ({a} and {b}), so "
+            "their label indices mean different classes: pack both splits from one corpus in "
+            "which every class has videos in each split"
+        )
     names = a or b
     top = max((int(y.max()) for y in labels if len(y)), default=-1)
     if names is None:
         if top < 0:
-            raise EvalError("the class count is unknown: list the shards by index.json (or packed folder) so "
-                            "the class names are known")
+            raise EvalError(
+                "the class count is unknown: list the shards by index.json (or packed folder) so "
+                "the class names are known"
+            )
         return [f"class {i}" for i in range(top + 1)]
     if top >= len(names):
         raise EvalError(f"a label {top} exceeds the {len(names)} classes of the index.json files")
     return names
 
 
-def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tuple[str, ...] = ("all",),
-             out: str | Path | None = None, config: str | None = None, overrides: tuple[str, ...] = (),
-             log=print) -> dict:
+def evaluate(
+    checkpoint: str,
+    train: list[str],
+    test: list[str],
+    protocols: tuple[str, ...] = ("all",),
+    out: str | Path | None = None,
+    config: str | None = None,
+    overrides: tuple[str, ...] = (),
+    log=print,
+) -> dict:
     """Run ``protocols`` (names of PROTOCOLS, or "all") on ``checkpoint``; write the report files to
     ``out`` if given; return the report (what report.json holds)."""
     unknown = set(protocols) - {*PROTOCOLS, "all"}
@@ -114,9 +133,18 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
     train, test = [storage.absolute(u) for u in train], [storage.absolute(u) for u in test]
     cfg = eval_config(meta, train, test, config, overrides)
     f, _ = load_backbone(folder, meta)  # a mismatched backbone fails before any video is read
-    report = {"checkpoint": folder, "model": meta["model"], "epoch": meta["epoch"], "train": train, "test": test,
-              "clips": cfg.data.eval_clips, "frames": cfg.views.frames, "stride": cfg.views.stride,
-              "size": cfg.views.size, "protocols": {}}
+    report = {
+        "checkpoint": folder,
+        "model": meta["model"],
+        "epoch": meta["epoch"],
+        "train": train,
+        "test": test,
+        "clips": cfg.data.eval_clips,
+        "frames": cfg.views.frames,
+        "stride": cfg.views.stride,
+        "size": cfg.views.size,
+        "protocols": {},
+    }
     frozen = [p for p in protocols if p != "finetune"]
     if frozen:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,9 +158,14 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
         classes = _classes(train, test, [tr.label, te.label])
         if len(set(tr.label.tolist())) < 2:
             raise EvalError(f"the train shards {train} hold a single class: the probes need two or more")
-        report.update(classes=classes, videos={"train": len(tr.keys), "test": len(te.keys)},
-                      skipped={split: {"samples": s.skipped_samples, "shards": s.skipped_shards}
-                               for split, s in (("train", tr), ("test", te))})
+        report.update(
+            classes=classes,
+            videos={"train": len(tr.keys), "test": len(te.keys)},
+            skipped={
+                split: {"samples": s.skipped_samples, "shards": s.skipped_shards}
+                for split, s in (("train", tr), ("test", te))
+            },
+        )
         l2 = cfg.eval.l2
         if l2 is None and {"linear", "scene"} & set(protocols):
             l2, scores = choose_l2(tr.x, tr.label, len(classes), progress="linear probe, l2 cross-validation")
@@ -141,8 +174,15 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
             report["protocols"]["linear"] = linear_probe(tr, te, classes, l2)
         if "knn" in protocols:
             on_device = [dataclasses.replace(s, x=s.x.to(device)) for s in (tr, te)]
-            report["protocols"]["knn"] = knn_retrieval(*on_device, classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                                                       cfg.eval.recall_at, cfg.eval.chunk, progress=True)
+            report["protocols"]["knn"] = knn_retrieval(
+                *on_device,
+                classes,
+                cfg.eval.knn_k,
+                cfg.eval.knn_temperature,
+                cfg.eval.recall_at,
+                cfg.eval.chunk,
+                progress=True,
+            )
         if "scene" in protocols:
             if tr.scenes is None and everything:
                 report["protocols"]["scene"] = {"skipped": "the records carry no meta.scene"}
@@ -158,39 +198,57 @@ def evaluate(checkpoint: str, train: list[str], test: list[str], protocols: tupl
     return report
 
 
-
 # --------------------------------------------------------------------------- command line
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.eval",
         description="Evaluate a pretrained DCLR backbone: linear probe, k-NN retrieval (R@K), the scene-bias "
-                    "probe and fine-tuning (on Ray Train). Prints a table and writes report.json, report.txt "
-                    "and plots.",
+        "probe and fine-tuning (on Ray Train). Prints a table and writes report.json, report.txt "
+        "and plots.",
         epilog="protocols:\n"
-               "  linear    logistic regression on frozen features of the train split, top-1 on test\n"
-               "  knn       test queries vs the train gallery: recall@K and weighted k-NN top-1\n"
-               "  scene     scene vs motion probes on the train split and the scene-swap test on the\n"
-               "            unseen-scene test split (records must carry meta.scene: synthetic corpus)\n"
-               "  finetune  backbone + linear layer trained end to end on Ray Train (RAY_ADDRESS, or a\n"
-               "            local cluster), cluster.workers workers; test with softmax averaged over clips\n"
-               "  all       all four (scene only where the records carry scenes)\n\n"
-               "The clip shape comes from the checkpoint's saved config; override with key=value, e.g.\n"
-               "data.eval_clips=10 data.loader_workers=4 eval.knn_k=20 finetune.epochs=10 cluster.workers=8.\n"
-               "Features on the cluster's GPUs instead of this process: eval.workers=8 eval.gpus_per_worker=1.\n"
-               "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="URL",
-                        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
-                             "its run folder (uses best/); local or s3://")
-    parser.add_argument("--train", required=True, action="append", metavar="SHARDS",
-                        help="labelled train split: a packed folder, index.json or .tar URL (repeat for more)")
-    parser.add_argument("--test", required=True, action="append", metavar="SHARDS",
-                        help="labelled test split, likewise")
-    parser.add_argument("--protocol", default="all", metavar="P[,P...]",
-                        help=f"comma-separated, from {', '.join(PROTOCOLS)}, or all (default)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="where the report goes (default: the checkpoint folder's eval/ if local, else ./eval)")
+        "  linear    logistic regression on frozen features of the train split, top-1 on test\n"
+        "  knn       test queries vs the train gallery: recall@K and weighted k-NN top-1\n"
+        "  scene     scene vs motion probes on the train split and the scene-swap test on the\n"
+        "            unseen-scene test split (records must carry meta.scene: synthetic corpus)\n"
+        "  finetune  backbone + linear layer trained end to end on Ray Train (RAY_ADDRESS, or a\n"
+        "            local cluster), cluster.workers workers; test with softmax averaged over clips\n"
+        "  all       all four (scene only where the records carry scenes)\n\n"
+        "The clip shape comes from the checkpoint's saved config; override with key=value, e.g.\n"
+        "data.eval_clips=10 data.loader_workers=4 eval.knn_k=20 finetune.epochs=10 cluster.workers=8.\n"
+        "Features on the cluster's GPUs instead of this process: eval.workers=8 eval.gpus_per_worker=1.\n"
+        "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="URL",
+        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
+        "its run folder (uses best/); local or s3://",
+    )
+    parser.add_argument(
+        "--train",
+        required=True,
+        action="append",
+        metavar="SHARDS",
+        help="labelled train split: a packed folder, index.json or .tar URL (repeat for more)",
+    )
+    parser.add_argument(
+        "--test", required=True, action="append", metavar="SHARDS", help="labelled test split, likewise"
+    )
+    parser.add_argument(
+        "--protocol",
+        default="all",
+        metavar="P[,P...]",
+        help=f"comma-separated, from {', '.join(PROTOCOLS)}, or all (default)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the report goes (default: the checkpoint folder's eval/ if local, else ./eval)",
+    )
     parser.add_argument("--config", metavar="FILE.yaml", help="config to use instead of the checkpoint's")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)

@@ -74,8 +74,10 @@ class ExportError(RuntimeError):
 
 def check_torchvision_arch(arch: str) -> None:
     if arch not in TORCHVISION_ARCHS:
-        raise ExportError(f"the {arch} backbone has no torchvision equivalent (torchvision format: "
-                          f"{', '.join(TORCHVISION_ARCHS)}); export it with --format plain")
+        raise ExportError(
+            f"the {arch} backbone has no torchvision equivalent (torchvision format: "
+            f"{', '.join(TORCHVISION_ARCHS)}); export it with --format plain"
+        )
 
 
 def to_torchvision(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
@@ -94,23 +96,33 @@ def to_torchvision(state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, 
             continue
         head, _, rest = key.partition(".")
         if not head.isdigit() or int(head) >= len(prefixes) or not rest:
-            raise ExportError(f"state_dict key {key!r} is not one of the {arch} backbone's (keys 0.* to "
-                              f"{len(prefixes) - 1}.*): pass the backbone.pt of a {arch} checkpoint")
+            raise ExportError(
+                f"state_dict key {key!r} is not one of the {arch} backbone's (keys 0.* to "
+                f"{len(prefixes) - 1}.*): pass the backbone.pt of a {arch} checkpoint"
+            )
         out[f"{prefixes[int(head)]}.{rest}"] = value
 
     from torchvision.models import video
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        want = {k: v.shape for k, v in getattr(video, arch)(weights=None).state_dict().items()
-                if k not in CLASSIFIER[arch]}
+        want = {
+            k: v.shape for k, v in getattr(video, arch)(weights=None).state_dict().items() if k not in CLASSIFIER[arch]
+        }
     missing, unexpected = sorted(want.keys() - out.keys()), sorted(out.keys() - want.keys())
     wrong = sorted(k for k in want.keys() & out.keys() if tuple(out[k].shape) != tuple(want[k]))
     if missing or unexpected or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                f"{wrong[0]} has shape {tuple(out[wrong[0]].shape)}, torchvision's {tuple(want[wrong[0]])}")
-        raise ExportError(f"the state_dict does not fit torchvision's {arch} ({what}; {len(missing)} missing, "
-                          f"{len(unexpected)} unexpected, {len(wrong)} of another shape): pass the backbone.pt "
-                          f"of a {arch} checkpoint")
+        what = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+            if unexpected
+            else f"{wrong[0]} has shape {tuple(out[wrong[0]].shape)}, torchvision's {tuple(want[wrong[0]])}"
+        )
+        raise ExportError(
+            f"the state_dict does not fit torchvision's {arch} ({what}; {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong)} of another shape): pass the backbone.pt "
+            f"of a {arch} checkpoint"
+        )
     return out
 
 
@@ -134,34 +146,45 @@ def export(checkpoint: str, out: str, fmt: str = "torchvision") -> dict:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
     storage.write_bytes(out, buf.getvalue())
-    return {"folder": folder, "arch": arch, "format": fmt, "tensors": len(state),
-            "missing": list(CLASSIFIER[arch]) if fmt == "torchvision" else []}
+    return {
+        "folder": folder,
+        "arch": arch,
+        "format": fmt,
+        "tensors": len(state),
+        "missing": list(CLASSIFIER[arch]) if fmt == "torchvision" else [],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.export",
         description="Export the pretrained backbone of a DCLR checkpoint as a state_dict for "
-                    "torchvision.models.video.<arch> (default) or as the trainer's plain backbone.pt. "
-                    "The file is tensors only: torch.load(path, weights_only=True).",
+        "torchvision.models.video.<arch> (default) or as the trainer's plain backbone.pt. "
+        "The file is tensors only: torch.load(path, weights_only=True).",
         epilog="formats:\n"
-               "  torchvision  the keys of torchvision.models.video.<arch> (r2plus1d_18, r3d_18, mc3_18,\n"
-               "               s3d) without its classifier (fc.*; classifier.* for s3d), which is not\n"
-               "               pretrained. Load it into a network with your number of classes:\n"
-               "                 net = torchvision.models.video.r2plus1d_18(num_classes=101)\n"
-               "                 missing, unexpected = net.load_state_dict(\n"
-               "                     torch.load(\"FILE.pt\", weights_only=True), strict=False)\n"
-               "                 assert not unexpected and set(missing) == {\"fc.weight\", \"fc.bias\"}\n"
-               "               For pooled features: net.fc = nn.Identity() (s3d: net.features(x).mean((2, 3, 4))).\n"
-               "  plain        backbone.pt as the trainer wrote it: a state_dict of\n"
-               "               dclr_dist.model.backbone(arch, width); the only format for tiny.\n\n"
-               "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="URL",
-                        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
-                             "its run folder (uses best/); local or s3://")
-    parser.add_argument("--format", default="torchvision", choices=FORMATS,
-                        help="torchvision (default) or plain, see below")
+        "  torchvision  the keys of torchvision.models.video.<arch> (r2plus1d_18, r3d_18, mc3_18,\n"
+        "               s3d) without its classifier (fc.*; classifier.* for s3d), which is not\n"
+        "               pretrained. Load it into a network with your number of classes:\n"
+        "                 net = torchvision.models.video.r2plus1d_18(num_classes=101)\n"
+        "                 missing, unexpected = net.load_state_dict(\n"
+        '                     torch.load("FILE.pt", weights_only=True), strict=False)\n'
+        '                 assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}\n'
+        "               For pooled features: net.fc = nn.Identity() (s3d: net.features(x).mean((2, 3, 4))).\n"
+        "  plain        backbone.pt as the trainer wrote it: a state_dict of\n"
+        "               dclr_dist.model.backbone(arch, width); the only format for tiny.\n\n"
+        "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="URL",
+        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
+        "its run folder (uses best/); local or s3://",
+    )
+    parser.add_argument(
+        "--format", default="torchvision", choices=FORMATS, help="torchvision (default) or plain, see below"
+    )
     parser.add_argument("--out", required=True, metavar="FILE.pt", help="where the state_dict goes; local or s3://")
     args = parser.parse_args(argv)
     try:
@@ -170,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 1
     left_out = f", without {' and '.join(done['missing'])}" if done["missing"] else ""
-    print(f"wrote {args.out}: {done['arch']} backbone of {done['folder']}, {done['format']} format, "
-          f"{done['tensors']} tensors{left_out}")
+    print(
+        f"wrote {args.out}: {done['arch']} backbone of {done['folder']}, {done['format']} format, "
+        f"{done['tensors']} tensors{left_out}"
+    )
     return 0
 
 

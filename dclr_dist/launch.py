@@ -63,13 +63,24 @@ def failure_summary(e: Exception) -> str:
     """The last "SomethingError: message" line of a Ray Train failure (whose text holds the
     workers' tracebacks), or its first line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
-              and not line.startswith(("ray.train.", "TrainingFailedError"))]
+    raised = [
+        line
+        for line in lines
+        if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
+        and not line.startswith(("ray.train.", "TrainingFailedError"))
+    ]
     return (raised or lines or [type(e).__name__])[-1 if raised else 0]
 
 
-def torch_trainer(loop, loop_config: dict, cfg: Config, name: str, callbacks: list | None = None,
-                  keep_checkpoints: int | None = None, max_failures: int = 0):
+def torch_trainer(
+    loop,
+    loop_config: dict,
+    cfg: Config,
+    name: str,
+    callbacks: list | None = None,
+    keep_checkpoints: int | None = None,
+    max_failures: int = 0,
+):
     """A TorchTrainer running ``loop(loop_config)`` on ``cluster.workers`` workers of the cluster in
     RAY_ADDRESS (or a local one), each reserving ``cluster.cpus_per_worker`` CPUs and
     ``cluster.gpus_per_worker`` GPUs (nccl when > 0, else gloo), its run ``name`` under
@@ -88,10 +99,15 @@ def torch_trainer(loop, loop_config: dict, cfg: Config, name: str, callbacks: li
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, callbacks=callbacks or [], storage_path=storage_path, storage_filesystem=fs,
+            name=name,
+            callbacks=callbacks or [],
+            storage_path=storage_path,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": forwarded_env()},
-            failure_config=FailureConfig(max_failures=max_failures)))
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
 
 
 def run(trainer):

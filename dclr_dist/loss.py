@@ -100,7 +100,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()  # autograd may still hold the incoming buffer
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
+        return grad[ctx.rank * ctx.B : (ctx.rank + 1) * ctx.B]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +135,20 @@ class DCLRLoss(nn.Module):
     In training mode a queue-mode forward also enqueues the gathered keys.
     """
 
-    def __init__(self, dim: int = 128, queue_size: int = 16384, tau: float = 0.07, topk: int = 5,
-                 w_vv: float = 1.0, w_s: float = 1.0, w_d: float = 1.0, w_align: float = 0.1,
-                 vv_positives: str = "static+dynamic", topk_warmup: int = 0, in_batch: bool = False):
+    def __init__(
+        self,
+        dim: int = 128,
+        queue_size: int = 16384,
+        tau: float = 0.07,
+        topk: int = 5,
+        w_vv: float = 1.0,
+        w_s: float = 1.0,
+        w_d: float = 1.0,
+        w_align: float = 0.1,
+        vv_positives: str = "static+dynamic",
+        topk_warmup: int = 0,
+        in_batch: bool = False,
+    ):
         """
         dim: embedding dimension (the model's)
         queue_size: keys per queue, queue mode (paper: 16384 Kinetics-400, 2048 UCF-101)
@@ -174,13 +185,17 @@ class DCLRLoss(nn.Module):
         q, k, p = (F.normalize(out[n], dim=-1) for n in ("q", "k", "p"))  # (B, 5, D) (B, 5, D) (B, 2, D)
         B = q.shape[0]
         if self.in_batch != k.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"in_batch={self.in_batch} but the keys {'lack' if self.in_batch else 'carry'} "
-                             "a gradient: the model's in_batch must match the loss's")
+            raise ValueError(
+                f"in_batch={self.in_batch} but the keys {'lack' if self.in_batch else 'carry'} "
+                "a gradient: the model's in_batch must match the loss's"
+            )
         if self.in_batch:
             rank = world()[0]
             bank = all_gather_with_grad(k)  # (N, 5, D), this rank's keys at rows rank * B ...
             # (B, N): a comparison, not one_hot, whose range check reads the device on the host.
-            paired = torch.arange(bank.shape[0], device=q.device) == (torch.arange(B, device=q.device) + rank * B)[:, None]
+            paired = (
+                torch.arange(bank.shape[0], device=q.device) == (torch.arange(B, device=q.device) + rank * B)[:, None]
+            )
             valid = ~paired
         else:
             # A copy: the enqueue below must not overwrite what backward still reads.
@@ -194,7 +209,9 @@ class DCLRLoss(nn.Module):
         sim_s, sim_d = p[:, 0] @ cand[:, SV].T, p[:, 1] @ cand[:, DV].T  # (B, N)
         near = {"s": top_k_mask(sim_s, self.topk, valid), "d": top_k_mask(sim_d, self.topk, valid)}  # (B, N)
         if self.vv_positives == "static+dynamic":
-            both = sim_s.masked_fill(~valid, float("-inf")).softmax(1) + sim_d.masked_fill(~valid, float("-inf")).softmax(1)
+            both = sim_s.masked_fill(~valid, float("-inf")).softmax(1) + sim_d.masked_fill(
+                ~valid, float("-inf")
+            ).softmax(1)
             near["vv"] = top_k_mask(both.nan_to_num(0.0), self.topk, valid)
         else:
             near["vv"] = near["d"] if self.vv_positives == "dynamic" else torch.zeros_like(valid)

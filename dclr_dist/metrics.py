@@ -135,12 +135,25 @@ class EpochMeter:
         collectives; and each of ``flags`` true if it was on any rank."""
         elapsed = time.perf_counter() - self.start
         metrics = reduce({k: float(v) / batches for k, v in self.sums.items()}, device)
-        totals = reduce({"skipped": float(self.skipped_samples), "skipped_shards": float(self.skipped_shards),
-                         "samples": float(self.samples), "wait": self.wait,
-                         **{k: float(v) for k, v in flags.items()}}, device, op="sum")
+        totals = reduce(
+            {
+                "skipped": float(self.skipped_samples),
+                "skipped_shards": float(self.skipped_shards),
+                "samples": float(self.samples),
+                "wait": self.wait,
+                **{k: float(v) for k, v in flags.items()},
+            },
+            device,
+            op="sum",
+        )
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        metrics.update({
-            "skipped_samples": int(totals["skipped"]), "skipped_shards": int(totals["skipped_shards"]),
-            "samples_per_s": totals["samples"] / elapsed, "samples_per_s_worker": self.samples / elapsed,
-            "data_wait": totals["wait"] / world / elapsed})
+        metrics.update(
+            {
+                "skipped_samples": int(totals["skipped"]),
+                "skipped_shards": int(totals["skipped_shards"]),
+                "samples_per_s": totals["samples"] / elapsed,
+                "samples_per_s_worker": self.samples / elapsed,
+                "data_wait": totals["wait"] / world / elapsed,
+            }
+        )
         return metrics, {k: bool(totals[k]) for k in flags}

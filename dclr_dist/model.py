@@ -120,15 +120,27 @@ class Encoder(nn.Module):
             {h: nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim)) for h in HEADS}
         )
 
-    def embed(self, f_v: torch.Tensor, f_s: torch.Tensor, f_d: torch.Tensor,
-              A_s: torch.Tensor, A_d: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    def embed(
+        self,
+        f_v: torch.Tensor,
+        f_s: torch.Tensor,
+        f_d: torch.Tensor,
+        A_s: torch.Tensor,
+        A_d: torch.Tensor,
+        threshold: float | None,
+    ) -> torch.Tensor:
         """g_vv(GAP f(v)), g_vs(F_s(v)), g_vd(F_d(v)), g_sv(GAP f(s)), g_dv(GAP f(d)): (B, 5, dim).
 
         f_*: (B, C, T', H', W') feature maps; A_*: (B, T', H', W') maps. Not normalised:
         the loss normalises in fp32.
         """
-        x = {"vv": gap(f_v), "vs": pool(f_v, A_s, threshold), "vd": pool(f_v, A_d, threshold),
-             "sv": gap(f_s), "dv": gap(f_d)}
+        x = {
+            "vv": gap(f_v),
+            "vs": pool(f_v, A_s, threshold),
+            "vd": pool(f_v, A_d, threshold),
+            "sv": gap(f_s),
+            "dv": gap(f_d),
+        }
         return torch.stack([self.g[h](x[h]) for h in HEADS], 1)
 
 
@@ -146,9 +158,17 @@ class DCLR(nn.Module):
     Maps are fp32 and mean-normalised; embeddings are in the parameters' dtype.
     """
 
-    def __init__(self, arch: str = "r2plus1d_18", width: int = 64, dim: int = 128, m: float = 0.999,
-                 threshold: float | None = None, per_view_bn: bool = True, bn_groups: int = 2,
-                 in_batch: bool = False):
+    def __init__(
+        self,
+        arch: str = "r2plus1d_18",
+        width: int = 64,
+        dim: int = 128,
+        m: float = 0.999,
+        threshold: float | None = None,
+        per_view_bn: bool = True,
+        bn_groups: int = 2,
+        in_batch: bool = False,
+    ):
         """
         arch: backbone, one of ARCHS
         width: base channel width (tiny only; the torchvision networks exist only at 64)
@@ -216,7 +236,7 @@ class DCLR(nn.Module):
         The views are stacked in batch-norm segments (``batchnorm.bn_layout``) and the
         features put back in the order of xs; transposed: the key encoder's groups.
         """
-        B, kinds = xs[0].shape[0], kinds[:len(xs)]
+        B, kinds = xs[0].shape[0], kinds[: len(xs)]
         pieces, segments, rgb = batchnorm.bn_layout(kinds, B, self.bn_groups, transposed, self.per_view_bn)
         key = (kinds, B, self.bn_groups, transposed, self.per_view_bn, xs[0].device)
         if key not in self._inverse:  # built once per layout: a host-to-device copy per step would sync

@@ -81,8 +81,7 @@ def s3_client():
         # connections itself (AWS_MAX_ATTEMPTS, default 5 here); retry() below covers what it
         # cannot: a response body that breaks off after the headers arrived.
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"},
-                        connect_timeout=10, read_timeout=60)
+        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=60)
         _client_cache = (ident, boto3.session.Session().client("s3", config=config))
     return _client_cache[1]
 
@@ -106,8 +105,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
             return fn()
         except broken as e:
             if attempt == attempts:
-                raise StorageError(f"{what}: the connection broke off {attempts} times "
-                                   f"({type(e).__name__}: {e}). {_endpoint_hint()}") from e
+                raise StorageError(
+                    f"{what}: the connection broke off {attempts} times ({type(e).__name__}: {e}). {_endpoint_hint()}"
+                ) from e
             time.sleep(base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
         except Exception as e:
             explained = _explain(e, what)
@@ -131,18 +131,23 @@ def _explain(e: Exception, what: str) -> Exception:
     if isinstance(e, BotoConnectionError):
         return StorageError(f"{what}: cannot reach S3 after retries ({e}). {_endpoint_hint()}")
     if isinstance(e, NoCredentialsError):
-        return StorageError(f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment.")
+        return StorageError(
+            f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment."
+        )
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
-            return StorageError(f"{what}: the bucket does not exist. Create it first "
-                                "(e.g. `aws s3 mb s3://BUCKET`) or fix the URL.")
+            return StorageError(
+                f"{what}: the bucket does not exist. Create it first (e.g. `aws s3 mb s3://BUCKET`) or fix the URL."
+            )
         if code in ("NoSuchKey", "404", "NotFound"):
             return FileNotFoundError(f"{what}: no such object")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return StorageError(f"{what}: access denied ({code}). Check the credentials in "
-                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy.")
+            return StorageError(
+                f"{what}: access denied ({code}). Check the credentials in "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy."
+            )
         return StorageError(f"{what}: S3 error {code}: {e}")
     return e
 
@@ -248,7 +253,7 @@ def list_names(url: str) -> Iterator[str]:
 
     for page in retry(pages, f"list {url}"):
         for obj in page.get("Contents", []):
-            yield obj["Key"][len(prefix):]
+            yield obj["Key"][len(prefix) :]
 
 
 def delete(url: str) -> None:
@@ -266,8 +271,10 @@ def ensure_writable(url: str) -> None:
         try:
             retry(lambda: s3_client().head_bucket(Bucket=bucket), f"open {url}")
         except FileNotFoundError:
-            raise StorageError(f"{url}: bucket '{bucket}' does not exist. Create it first "
-                               "(e.g. `aws s3 mb s3://BUCKET`) or fix the URL.") from None
+            raise StorageError(
+                f"{url}: bucket '{bucket}' does not exist. Create it first "
+                "(e.g. `aws s3 mb s3://BUCKET`) or fix the URL."
+            ) from None
         return
     path = local_path(url)
     try:
@@ -302,8 +309,9 @@ def bucket_region(url: str) -> str:
     try:
         headers = retry(head, f"open {url}")
     except FileNotFoundError:
-        raise StorageError(f"{url}: bucket '{bucket}' does not exist. Create it first "
-                           "(e.g. `aws s3 mb s3://BUCKET`) or fix the URL.") from None
+        raise StorageError(
+            f"{url}: bucket '{bucket}' does not exist. Create it first (e.g. `aws s3 mb s3://BUCKET`) or fix the URL."
+        ) from None
     if headers.get("x-amz-bucket-region"):
         return headers["x-amz-bucket-region"]
     import boto3
@@ -321,12 +329,16 @@ def pyarrow_filesystem(path: str):
 
     bucket, key = split_s3(path)
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=bucket_region(path),
-                                 scheme="http" if endpoint and endpoint.startswith("http://") else "https")
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=bucket_region(path),
+        scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+    )
     return f"{bucket}/{key}".rstrip("/"), fs
 
 
 # Streaming reads of s3:// shards; dclr_dist.data registers gopen_s3 as WebDataset's s3:// handler.
+
 
 class ShardReplaced(StorageError):
     """An S3 object was replaced while it was being read."""
@@ -363,13 +375,16 @@ class _S3Reader(io.RawIOBase):
             self.etag, self.size = response["ETag"], response["ContentLength"]
         else:
             try:
-                response = client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-",
-                                             IfMatch=self.etag)
+                response = client.get_object(
+                    Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-", IfMatch=self.etag
+                )
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
                     raise
-                raise ShardReplaced(f"{self.url}: replaced while it was being read, at byte {self.pos} (it is no "
-                                    f"longer version {self.etag}); the rest would come from another version") from None
+                raise ShardReplaced(
+                    f"{self.url}: replaced while it was being read, at byte {self.pos} (it is no "
+                    f"longer version {self.etag}); the rest would come from another version"
+                ) from None
         self.body = response["Body"]
 
     def _drop(self) -> None:
@@ -390,7 +405,7 @@ class _S3Reader(io.RawIOBase):
         target = (offset, self.pos + offset, self.size + offset)[whence]
         if 0 < target - self.pos <= _SKIP_BY_READING and self.body is not None:
             scratch = memoryview(bytearray(min(target - self.pos, 1 << 20)))
-            while self.pos < target and self.readinto(scratch[:target - self.pos]):
+            while self.pos < target and self.readinto(scratch[: target - self.pos]):
                 pass
         elif target != self.pos:
             self._drop()  # the next read opens at the target

@@ -55,25 +55,29 @@ def load_space(path: str | Path, base: Config) -> dict[str, tuple[str, list]]:
     where = str(path)
     raw = read_yaml(path, SpaceError, "search space file")
     if not isinstance(raw, dict) or not raw:
-        raise SpaceError(f"{where}: must map config keys to {{distribution: arguments}}, e.g. "
-                         "'loss.tau: {loguniform: [0.03, 0.3]}'")
+        raise SpaceError(
+            f"{where}: must map config keys to {{distribution: arguments}}, e.g. "
+            "'loss.tau: {loguniform: [0.03, 0.3]}'"
+        )
     space = {}
     for key, spec in raw.items():
         if not isinstance(spec, dict) or len(spec) != 1:
             raise SpaceError(f"{where}: {key} must be one {{distribution: arguments}}, got {spec!r}")
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         if dist not in DISTRIBUTIONS:
             raise SpaceError(f"{where}: {key}: unknown distribution {dist!r} (known: {', '.join(DISTRIBUTIONS)})")
         n = DISTRIBUTIONS[dist]
         if not isinstance(args, list) or (n is not None and len(args) != n) or not args:
-            raise SpaceError(f"{where}: {key}: {dist} takes {'a non-empty list' if n is None else '[lo, hi]'}, got {args!r}")
+            raise SpaceError(
+                f"{where}: {key}: {dist} takes {'a non-empty list' if n is None else '[lo, hi]'}, got {args!r}"
+            )
         if n is not None and not args[0] < args[1]:
             raise SpaceError(f"{where}: {key}: {dist} needs lo < hi, got {args!r}")
         if dist == "loguniform" and args[0] <= 0:
             raise SpaceError(f"{where}: {key}: loguniform needs lo > 0, got {args!r}")
         # Every value the space can produce must make a valid config: check the ends now,
         # not in the middle of a sweep.
-        for value in (args if dist == "choice" else [args[0], args[1] - (1 if dist == "randint" else 0)]):
+        for value in args if dist == "choice" else [args[0], args[1] - (1 if dist == "randint" else 0)]:
             try:
                 config_from_dict(base.to_dict(), where, [f"{key}={json.dumps(value)}"])
             except ConfigError as e:
@@ -102,8 +106,9 @@ def run_trial(params: dict, base: dict, trials_url: str) -> None:
 
     # The trial id survives Tune-level retries, so a retried trial resumes its own Train run.
     name = f"trial-{tune.get_context().get_trial_id()}"
-    cfg = config_from_dict(base, "sweep", [*overrides(params), f"train.name={name}",
-                                           f"train.storage_path={trials_url}"])
+    cfg = config_from_dict(
+        base, "sweep", [*overrides(params), f"train.name={name}", f"train.storage_path={trials_url}"]
+    )
     fit(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -120,8 +125,18 @@ def concurrency(cfg: Config, requested: int | None) -> int:
     return min(fits, requested) if requested else fits
 
 
-def sweep(cfg: Config, space: dict, *, name: str, storage_path: str, num_samples: int, max_concurrent: int | None,
-          search: str, grace_period: int, resume: bool):
+def sweep(
+    cfg: Config,
+    space: dict,
+    *,
+    name: str,
+    storage_path: str,
+    num_samples: int,
+    max_concurrent: int | None,
+    search: str,
+    grace_period: int,
+    resume: bool,
+):
     """Run (or with ``resume``, continue) the sweep ``name`` under ``storage_path``; returns Tune's
     results and the sweep's URL. Raises :class:`SweepError` when there is nothing to resume."""
     from ray import tune
@@ -149,11 +164,19 @@ def sweep(cfg: Config, space: dict, *, name: str, storage_path: str, num_samples
         trainable,
         param_space=tune_space(space),
         tune_config=tune.TuneConfig(
-            metric=OBJECTIVE, mode=MODE, num_samples=num_samples, search_alg=searcher,
+            metric=OBJECTIVE,
+            mode=MODE,
+            num_samples=num_samples,
+            search_alg=searcher,
             max_concurrent_trials=concurrency(cfg, max_concurrent),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace_period)),
-        run_config=tune.RunConfig(name=name, storage_path=tune_storage, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace_period),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=tune_storage,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
     )
     return tuner.fit(), sweep_url
 
@@ -167,8 +190,9 @@ def summarise(results, space: dict, base: Config, sweep_url: str) -> list[dict]:
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         params = {k: r.config.get(k) for k in space}
         trial = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
-        rows.append({"trial": trial, **params, OBJECTIVE: best, "epochs": epochs,
-                     "status": "error" if r.error else "done"})
+        rows.append(
+            {"trial": trial, **params, OBJECTIVE: best, "epochs": epochs, "status": "error" if r.error else "done"}
+        )
     rows.sort(key=lambda row: -row[OBJECTIVE] if not math.isnan(row[OBJECTIVE]) else math.inf)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
@@ -177,12 +201,16 @@ def summarise(results, space: dict, base: Config, sweep_url: str) -> list[dict]:
     storage.write_bytes(storage.join(sweep_url, "trials.csv"), buf.getvalue().encode())
     done = [row for row in rows if not math.isnan(row[OBJECTIVE])]
     if done:
-        best = config_from_dict(base.to_dict(), "sweep", [*overrides({k: done[0][k] for k in space}),
-                                                          f"train.name={base.train.name}-best"])
-        header = (f"# Best of the sweep at {sweep_url}: {OBJECTIVE} {done[0][OBJECTIVE]:.4f} "
-                  f"({done[0]['trial']}). Run: python -m dclr_dist.train --config best.yaml\n")
-        storage.write_bytes(storage.join(sweep_url, "best.yaml"),
-                            (header + yaml.safe_dump(best.to_dict(), sort_keys=False)).encode())
+        best = config_from_dict(
+            base.to_dict(), "sweep", [*overrides({k: done[0][k] for k in space}), f"train.name={base.train.name}-best"]
+        )
+        header = (
+            f"# Best of the sweep at {sweep_url}: {OBJECTIVE} {done[0][OBJECTIVE]:.4f} "
+            f"({done[0]['trial']}). Run: python -m dclr_dist.train --config best.yaml\n"
+        )
+        storage.write_bytes(
+            storage.join(sweep_url, "best.yaml"), (header + yaml.safe_dump(best.to_dict(), sort_keys=False)).encode()
+        )
         storage.write_bytes(storage.join(sweep_url, "objective.png"), _plot(done, space))
     return rows
 
@@ -195,8 +223,9 @@ def _plot(rows: list[dict], space: dict) -> bytes:
 
     keys = list(space)
     cols = min(4, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 2.8 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 2.8 * math.ceil(len(keys) / cols)), squeeze=False
+    )
     y = [row[OBJECTIVE] for row in rows]
     for ax, key in zip(axes.flat, keys):
         dist, args = space[key]
@@ -210,7 +239,7 @@ def _plot(rows: list[dict], space: dict) -> bytes:
                 ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(OBJECTIVE)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(f"{OBJECTIVE} (best of each trial) against each searched parameter")
     fig.tight_layout()
@@ -230,21 +259,35 @@ def print_table(rows: list[dict], space: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dclr_dist.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(RECIPES / "demo.yaml"), metavar="FILE.yaml",
-                   help="training config the trials start from, a file or a shipped recipe name "
-                        "(default: the demo recipe)")
-    p.add_argument("--space", default=str(SPACE), metavar="SPACE.yaml",
-                   help="search space: config key -> {uniform|loguniform|randint|choice: arguments} "
-                        "(default: the one shipped, dclr_dist/sweep_space.yaml)")
+    p = argparse.ArgumentParser(
+        prog="python -m dclr_dist.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=str(RECIPES / "demo.yaml"),
+        metavar="FILE.yaml",
+        help="training config the trials start from, a file or a shipped recipe name (default: the demo recipe)",
+    )
+    p.add_argument(
+        "--space",
+        default=str(SPACE),
+        metavar="SPACE.yaml",
+        help="search space: config key -> {uniform|loguniform|randint|choice: arguments} "
+        "(default: the one shipped, dclr_dist/sweep_space.yaml)",
+    )
     p.add_argument("--num-samples", type=int, default=8, help="trials to run (default 8)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
-    p.add_argument("--search", choices=("random", "optuna"), default="random",
-                   help="random sampling, or Optuna's TPE (needs `pip install optuna`)")
+    p.add_argument(
+        "--search",
+        choices=("random", "optuna"),
+        default="random",
+        help="random sampling, or Optuna's TPE (needs `pip install optuna`)",
+    )
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default 1)")
     p.add_argument("--name", default=None, help="sweep name (default: <train.name>-sweep)")
-    p.add_argument("--storage", default=None, help="where the sweep goes, a folder or s3:// (default: train.storage_path)")
+    p.add_argument(
+        "--storage", default=None, help="where the sweep goes, a folder or s3:// (default: train.storage_path)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the training config")
     args = p.parse_args(argv)
@@ -262,17 +305,27 @@ def main(argv: list[str] | None = None) -> int:
     if not storage.is_s3(storage_path):
         storage_path = str(Path(storage_path).resolve())
     try:
-        results, sweep_url = sweep(base, space, name=name, storage_path=storage_path, num_samples=args.num_samples,
-                                   max_concurrent=args.max_concurrent, search=args.search,
-                                   grace_period=args.grace_period, resume=args.resume)
+        results, sweep_url = sweep(
+            base,
+            space,
+            name=name,
+            storage_path=storage_path,
+            num_samples=args.num_samples,
+            max_concurrent=args.max_concurrent,
+            search=args.search,
+            grace_period=args.grace_period,
+            resume=args.resume,
+        )
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rows = summarise(results, space, base, sweep_url)
     print_table(rows, space)
     failed = sum(r["status"] == "error" for r in rows)
-    print(f"{len(rows)} trials ({failed} failed); best config {storage.join(sweep_url, 'best.yaml')}, "
-          f"plot {storage.join(sweep_url, 'objective.png')}")
+    print(
+        f"{len(rows)} trials ({failed} failed); best config {storage.join(sweep_url, 'best.yaml')}, "
+        f"plot {storage.join(sweep_url, 'objective.png')}"
+    )
     return 0
 
 

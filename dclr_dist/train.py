@@ -23,8 +23,14 @@ from typing import Any
 import torch
 
 from dclr_dist import launch, storage
-from dclr_dist.checkpoint import (latest, latest_json_callback, load_checkpoint, report_with_checkpoint,
-                                  resume_refusal, save_best)
+from dclr_dist.checkpoint import (
+    latest,
+    latest_json_callback,
+    load_checkpoint,
+    report_with_checkpoint,
+    resume_refusal,
+    save_best,
+)
 from dclr_dist.config import Config, ConfigError, config_from_dict, load_config
 from dclr_dist.engine import build, seek_schedule
 from dclr_dist.metrics import EpochMeter, MetricsLog, count_nodes, memory_mb, reduce
@@ -61,8 +67,9 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
     steps_per_epoch = max(1, batches // cfg.train.grad_accum)
-    r = Rank(cfg, loop_config["run_url"], ctx.get_world_rank(), world, device,
-             *build(cfg, world, steps_per_epoch, device))
+    r = Rank(
+        cfg, loop_config["run_url"], ctx.get_world_rank(), world, device, *build(cfg, world, steps_per_epoch, device)
+    )
     # best/ keeps the epoch with the highest k-NN accuracy on data.eval where it is measured
     # (eval.every; contrastive losses are not comparable across temperatures), else the lowest loss.
     ranking = "knn_acc" if cfg.eval.every else "loss"
@@ -78,19 +85,33 @@ def train_loop(loop_config: dict) -> None:
         print(f"resumed {r.run_url} after epoch {start_epoch}", flush=True)
     nodes, step, last_checkpoint = count_nodes(), start_epoch * steps_per_epoch, time.monotonic()
     # One loader for the run: its workers stream on across epoch boundaries (no fork, no refill).
-    it = iter(data.train_loader(cfg.data, cfg.views, rank=r.rank, world_size=world, epoch=start_epoch,
-                                epochs=cfg.train.epochs - start_epoch))
+    it = iter(
+        data.train_loader(
+            cfg.data, cfg.views, rank=r.rank, world_size=world, epoch=start_epoch, epochs=cfg.train.epochs - start_epoch
+        )
+    )
     for epoch in range(start_epoch, cfg.train.epochs):
         meter = EpochMeter()
         step = run_epoch(r, it, batches, epoch, step, meter)
         # Rank 0's clock decides a checkpoint by time for every rank, carried by the epoch's sum:
         # clocks and epoch ends differ between ranks, and ranks that disagree would hang in report.
-        due = r.rank == 0 and cfg.checkpoint.minutes is not None and \
-            time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint.minutes
+        due = (
+            r.rank == 0
+            and cfg.checkpoint.minutes is not None
+            and time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint.minutes
+        )
         metrics, flags = meter.epoch(batches, device, {"checkpoint_due": due})
-        metrics.update({"epoch": epoch + 1, "step": step, "lr": r.engine.get_lr()[0], "world_size": world,
-                        "zero_stage": cfg.engine.zero_stage, "nodes": nodes,
-                        "queue_filled": int(r.criterion.queue_filled)})
+        metrics.update(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": r.engine.get_lr()[0],
+                "world_size": world,
+                "zero_stage": cfg.engine.zero_stage,
+                "nodes": nodes,
+                "queue_filled": int(r.criterion.queue_filled),
+            }
+        )
         if end_epoch(r, epoch, metrics, best, flags["checkpoint_due"]):
             last_checkpoint = time.monotonic()
     if r.log is not None:
@@ -106,8 +127,9 @@ def end_epoch(r: Rank, epoch: int, metrics: dict, best: dict, checkpoint_due: bo
     if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
         metrics["knn_acc"] = monitor(r, epoch)
     value, ranking = metrics.get(best["metric"]), best["metric"]
-    if value is not None and (best["value"] is None or
-                              (value > best["value"] if ranking == "knn_acc" else value < best["value"])):
+    if value is not None and (
+        best["value"] is None or (value > best["value"] if ranking == "knn_acc" else value < best["value"])
+    ):
         best["value"] = value
         if r.rank == 0:
             save_best(r.engine, cfg, r.world, epoch, r.run_url, metrics)
@@ -182,10 +204,13 @@ def log_step(r: Rank, losses: dict, local: dict, epoch: int, step: int) -> None:
         return
     values = {**terms, **local, **rate, "lr": r.engine.get_lr()[0], "epoch": epoch, "memory_mb": memory_mb(r.device)}
     r.log.write("step", step, values)
-    print(f"epoch {epoch + 1}/{r.cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
-          f"(vv {terms['vv']:.3f} v_s {terms['v_s']:.3f} v_d {terms['v_d']:.3f} "
-          f"align {terms['align']:.4f}) lr {values['lr']:.2e} "
-          f"{rate['samples_per_s']:.1f} samples/s data-wait {local['data_wait']:.0%}", flush=True)
+    print(
+        f"epoch {epoch + 1}/{r.cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
+        f"(vv {terms['vv']:.3f} v_s {terms['v_s']:.3f} v_d {terms['v_d']:.3f} "
+        f"align {terms['align']:.4f}) lr {values['lr']:.2e} "
+        f"{rate['samples_per_s']:.1f} samples/s data-wait {local['data_wait']:.0%}",
+        flush=True,
+    )
 
 
 def monitor(r: Rank, epoch: int) -> float:
@@ -194,8 +219,9 @@ def monitor(r: Rank, epoch: int) -> float:
 
     acc = knn_monitor(r.engine.module.encoder_q.f, r.cfg, r.device, r.rank, r.world)
     if r.rank == 0:
-        print(f"epoch {epoch + 1}/{r.cfg.train.epochs} k-NN accuracy {acc:.1%} on data.eval (leave-one-out)",
-              flush=True)
+        print(
+            f"epoch {epoch + 1}/{r.cfg.train.epochs} k-NN accuracy {acc:.1%} on data.eval (leave-one-out)", flush=True
+        )
     return acc
 
 
@@ -211,8 +237,10 @@ def check_data(cfg: Config) -> None:
     data.batches_per_epoch(cfg.data, shards, cfg.cluster.workers)
     if cfg.eval.every:
         if not cfg.data.eval:
-            raise data.DataError(f"eval.every is {cfg.eval.every} and data.eval is empty: set data.eval to "
-                                 "labelled validation shards for the k-NN monitor, or eval.every=0")
+            raise data.DataError(
+                f"eval.every is {cfg.eval.every} and data.eval is empty: set data.eval to "
+                "labelled validation shards for the k-NN monitor, or eval.every=0"
+            )
         data.check_shards(data.resolve_shards(cfg.data.eval), "data.eval")
 
 
@@ -229,9 +257,14 @@ def fit(cfg: Config, callbacks: list | None = None):
     if epoch is not None:
         print(f"resuming {run_url} from epoch {epoch}", flush=True)
     trainer = launch.torch_trainer(
-        train_loop, {"config": cfg.to_dict(), "run_url": run_url}, cfg, cfg.train.name,
+        train_loop,
+        {"config": cfg.to_dict(), "run_url": run_url},
+        cfg,
+        cfg.train.name,
         callbacks=[*(callbacks or []), latest_json_callback(run_url)],
-        keep_checkpoints=cfg.checkpoint.keep, max_failures=cfg.cluster.max_failures)
+        keep_checkpoints=cfg.checkpoint.keep,
+        max_failures=cfg.cluster.max_failures,
+    )
     return launch.run(trainer)
 
 
@@ -239,16 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.train",
         description="DCLR pretraining on Ray Train with one DeepSpeed engine per worker. The demo (synthetic "
-                    "shards made on first use, then this, then evaluation) is `python -m dclr_dist.demo`.",
+        "shards made on first use, then this, then evaluation) is `python -m dclr_dist.demo`.",
         epilog="Ray: RAY_ADDRESS selects the cluster (`ray job submit` sets it); without it a local cluster "
-               "starts. Object storage: s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-               "AWS_SECRET_ACCESS_KEY / AWS_PROFILE; the workers get the endpoint, region and profile name, "
-               "never credentials (they use their node's). Re-running with the same train.name resumes the run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, metavar="FILE.yaml",
-                        help="config file, or the name of a shipped recipe: demo, ucf101_r2plus1d, k400_r2plus1d")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. cluster.workers=8 loss.tau=0.1 data.batch_size=16")
+        "starts. Object storage: s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY / AWS_PROFILE; the workers get the endpoint, region and profile name, "
+        "never credentials (they use their node's). Re-running with the same train.name resumes the run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE.yaml",
+        help="config file, or the name of a shipped recipe: demo, ucf101_r2plus1d, k400_r2plus1d",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. cluster.workers=8 loss.tau=0.1 data.batch_size=16",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -271,8 +313,10 @@ def train(cfg: Config) -> int:
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     m = result.metrics or {}
-    print(f"done: {m.get('epoch')} epochs, {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}; "
-          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    print(
+        f"done: {m.get('epoch')} epochs, {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}; "
+        f"checkpoint {result.checkpoint.path if result.checkpoint else None}"
+    )
     return 0
 
 

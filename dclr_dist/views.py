@@ -251,6 +251,7 @@ def normalize(x: torch.Tensor, cfg: ViewsConfig) -> torch.Tensor:
 # them, except that contrast blends towards the mean of the whole clip rather than of each
 # frame: one factor, one reference, so frames of a clip stay consistent.
 
+
 def _factor(f: torch.Tensor) -> torch.Tensor:
     return f.view(-1, 1, 1, 1, 1)
 

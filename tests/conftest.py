@@ -34,8 +34,13 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "3"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "3",
+    }
     with environment(env):
         yield endpoint
     server.stop()
@@ -61,8 +66,15 @@ class FlakyProxy:
     mid-stream). Later connections relay normally.
     """
 
-    def __init__(self, target: tuple[str, int], refuse: int = 0, cut: int = 0, cut_after: int = 200,
-                 answer: int = 0, status: tuple[int, str, str] = (503, "Slow Down", "SlowDown")):
+    def __init__(
+        self,
+        target: tuple[str, int],
+        refuse: int = 0,
+        cut: int = 0,
+        cut_after: int = 200,
+        answer: int = 0,
+        status: tuple[int, str, str] = (503, "Slow Down", "SlowDown"),
+    ):
         self.target, self.refuse, self.cut, self.cut_after = target, refuse, cut, cut_after
         self.answer, self.status = answer, status
         self.connections = 0
@@ -100,8 +112,10 @@ class FlakyProxy:
                 if not data:
                     break
                 head += data
-            client.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\n"
-                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+            client.sendall(
+                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+            )
         except OSError:
             pass
         client.close()
@@ -176,5 +190,12 @@ def class_folders(tmp_path, sample_videos) -> Path:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
     """Train and test shards of a small synthetic corpus, shared by one module's training runs."""
-    return pack_synthetic(tmp_path_factory.mktemp("train-shards"), classes=3, train_per_class=4, test_per_class=2,
-                          train_scenes=3, test_scenes=2, max_samples=3)
+    return pack_synthetic(
+        tmp_path_factory.mktemp("train-shards"),
+        classes=3,
+        train_per_class=4,
+        test_per_class=2,
+        train_scenes=3,
+        test_scenes=2,
+        max_samples=3,
+    )

@@ -10,22 +10,54 @@ import tarfile
 from pathlib import Path
 
 # A training config small enough for CPU tests: 2 workers, 3 epochs of 2 steps.
-TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
-        "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=16", "cluster.workers=2", "train.epochs=3",
-        "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "checkpoint.every=1"]
+TINY = [
+    "model.arch=tiny",
+    "model.width=8",
+    "model.dim=32",
+    "loss.queue_size=64",
+    "views.frames=4",
+    "views.size=32",
+    "data.batch_size=4",
+    "data.loader_workers=0",
+    "data.shuffle_buffer=8",
+    "data.shuffle_initial=4",
+    "data.epoch_samples=16",
+    "cluster.workers=2",
+    "train.epochs=3",
+    "optim.lr=0.05",
+    "optim.ref_batch=8",
+    "train.log_every=1",
+    "checkpoint.every=1",
+]
 
 
-def pack_synthetic(root: Path, *, classes: int, train_per_class: int, test_per_class: int, train_scenes: int,
-                   test_scenes: int, max_samples: int) -> dict[str, str]:
+def pack_synthetic(
+    root: Path,
+    *,
+    classes: int,
+    train_per_class: int,
+    test_per_class: int,
+    train_scenes: int,
+    test_scenes: int,
+    max_samples: int,
+) -> dict[str, str]:
     """A small synthetic scene-bias corpus (48 px, 24 frames) packed into train/test shards."""
     from dclr_dist.config import load_config
     from dclr_dist.shard.pack import pack
     from dclr_dist.shard.synth import write_corpus
 
-    manifest = write_corpus(root / "videos", num_classes=classes, train_per_class=train_per_class,
-                            test_per_class=test_per_class, train_scenes=train_scenes, test_scenes=test_scenes,
-                            frames=24, size=48, workers=2, progress=False)
+    manifest = write_corpus(
+        root / "videos",
+        num_classes=classes,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        train_scenes=train_scenes,
+        test_scenes=test_scenes,
+        frames=24,
+        size=48,
+        workers=2,
+        progress=False,
+    )
     cfg = load_config(None, ["shard.short_side=48", f"shard.max_samples={max_samples}"]).shard
     for split in ("train", "test"):
         pack(str(manifest), str(root / split), cfg, split=split, workers=2, progress=False)

@@ -11,9 +11,37 @@ milliseconds with a message naming the key and the file, not an hour into a Ray 
 from dclr_dist.config.errors import ConfigError
 from dclr_dist.config.load import MOVED, RECIPES, config_from_dict, load_config, read_yaml, recipe_path
 from dclr_dist.config.method import BASELINE, DataConfig, LossConfig, ModelConfig, ShardConfig, ViewsConfig
-from dclr_dist.config.run import (CheckpointConfig, ClusterConfig, Config, EngineConfig, EvalConfig, FinetuneConfig,
-                                  OptimConfig, TrainConfig)
+from dclr_dist.config.run import (
+    CheckpointConfig,
+    ClusterConfig,
+    Config,
+    EngineConfig,
+    EvalConfig,
+    FinetuneConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
-__all__ = ["BASELINE", "MOVED", "RECIPES", "CheckpointConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig",
-           "EngineConfig", "EvalConfig", "FinetuneConfig", "LossConfig", "ModelConfig", "OptimConfig", "ShardConfig",
-           "TrainConfig", "ViewsConfig", "config_from_dict", "load_config", "read_yaml", "recipe_path"]
+__all__ = [
+    "BASELINE",
+    "MOVED",
+    "RECIPES",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ShardConfig",
+    "TrainConfig",
+    "ViewsConfig",
+    "config_from_dict",
+    "load_config",
+    "read_yaml",
+    "recipe_path",
+]

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -49,19 +49,34 @@ RECIPES = Path(__file__).parents[1] / "configs"
 # Keys that moved when the sections were split by owner: a saved config (a checkpoint's
 # meta.json) is read in today's keys; a YAML file or override using one is told the new name.
 MOVED = {
-    "train.workers": "cluster.workers", "train.gpus_per_worker": "cluster.gpus_per_worker",
-    "train.cpus_per_worker": "cluster.cpus_per_worker", "train.max_failures": "cluster.max_failures",
-    "train.optimizer": "optim.name", "train.lr": "optim.lr", "train.ref_batch": "optim.ref_batch",
-    "train.momentum": "optim.momentum", "train.weight_decay": "optim.weight_decay",
-    "train.warmup_epochs": "optim.warmup_epochs", "train.schedule": "optim.schedule",
-    "train.milestones": "optim.milestones", "train.grad_clip": "optim.grad_clip",
-    "train.precision": "engine.precision", "train.zero_stage": "engine.zero_stage",
-    "train.cudnn_benchmark": "engine.cudnn_benchmark", "train.channels_last": "engine.channels_last",
-    "train.compile": "engine.compile", "train.checkpoint_every": "checkpoint.every",
-    "train.checkpoint_minutes": "checkpoint.minutes", "train.keep_checkpoints": "checkpoint.keep",
-    "eval.finetune_epochs": "finetune.epochs", "eval.finetune_lr": "finetune.lr",
-    "data.workers": "data.loader_workers", "views.where": "views.augment_on", "model.m": "model.momentum",
-    "eval.k": "eval.knn_k", "eval.t": "eval.knn_temperature",
+    "train.workers": "cluster.workers",
+    "train.gpus_per_worker": "cluster.gpus_per_worker",
+    "train.cpus_per_worker": "cluster.cpus_per_worker",
+    "train.max_failures": "cluster.max_failures",
+    "train.optimizer": "optim.name",
+    "train.lr": "optim.lr",
+    "train.ref_batch": "optim.ref_batch",
+    "train.momentum": "optim.momentum",
+    "train.weight_decay": "optim.weight_decay",
+    "train.warmup_epochs": "optim.warmup_epochs",
+    "train.schedule": "optim.schedule",
+    "train.milestones": "optim.milestones",
+    "train.grad_clip": "optim.grad_clip",
+    "train.precision": "engine.precision",
+    "train.zero_stage": "engine.zero_stage",
+    "train.cudnn_benchmark": "engine.cudnn_benchmark",
+    "train.channels_last": "engine.channels_last",
+    "train.compile": "engine.compile",
+    "train.checkpoint_every": "checkpoint.every",
+    "train.checkpoint_minutes": "checkpoint.minutes",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "eval.finetune_epochs": "finetune.epochs",
+    "eval.finetune_lr": "finetune.lr",
+    "data.workers": "data.loader_workers",
+    "views.where": "views.augment_on",
+    "model.m": "model.momentum",
+    "eval.k": "eval.knn_k",
+    "eval.t": "eval.knn_temperature",
 }
 
 
@@ -73,8 +88,13 @@ def recipe_path(path: str | Path) -> Path:
     return shipped if not path.exists() and path.suffix == "" and shipped.is_file() else path
 
 
-def read_yaml(path: str | Path, error_type: type[Exception] = ConfigError, what: str = "config file", *,
-              not_found_hint: typing.Callable[[], str] | None = None) -> Any:
+def read_yaml(
+    path: str | Path,
+    error_type: type[Exception] = ConfigError,
+    what: str = "config file",
+    *,
+    not_found_hint: typing.Callable[[], str] | None = None,
+) -> Any:
     """The YAML document in the UTF-8 file ``path``, with a key given twice in one mapping refused.
 
     Every way the file can fail to read (not found, a folder, unreadable, not UTF-8, a
@@ -93,8 +113,10 @@ def read_yaml(path: str | Path, error_type: type[Exception] = ConfigError, what:
     except UnicodeDecodeError as e:
         raise error_type(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except _DuplicateKey as e:
-        raise error_type(f"{where}: line {e.line}: duplicate key '{e.key}' (first at line {e.first}); "
-                         "keep one, the later would silently win") from None
+        raise error_type(
+            f"{where}: line {e.line}: duplicate key '{e.key}' (first at line {e.first}); "
+            "keep one, the later would silently win"
+        ) from None
     except yaml.YAMLError as e:
         raise error_type(f"{where}: not valid YAML: {e}") from None
 
@@ -109,8 +131,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = recipe_path(path)
         where = str(path)
-        loaded = read_yaml(path, ConfigError, "config file", not_found_hint=lambda: " (shipped recipes: " + ", ".join(
-            sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))) + ")")
+        loaded = read_yaml(
+            path,
+            ConfigError,
+            "config file",
+            not_found_hint=lambda: (
+                " (shipped recipes: "
+                + ", ".join(sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml")))
+                + ")"
+            ),
+        )
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -123,7 +153,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_dict(tree: dict[str, Any], where: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(
+    tree: dict[str, Any], where: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), with
     ``key=value`` overrides applied, validating it."""
     cfg = _build(Config, _migrate(tree), prefix="", where=where)
@@ -158,8 +190,9 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'"
-                              f"{_moved(f'{prefix}{key}') or _suggest(key, fields)}")
+            raise ConfigError(
+                f"{where}: unknown key '{prefix}{key}'{_moved(f'{prefix}{key}') or _suggest(key, fields)}"
+            )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", where)
     return cls(**kwargs)
 
@@ -234,8 +267,10 @@ def _apply_override(cfg: Config, item: str) -> None:
         known = {f.name for f in dataclasses.fields(node)}
         if name not in known:
             prefix = ".".join(parts[:depth])
-            raise ConfigError(f"{where}: unknown key '{dotted}'{_moved(dotted) or _suggest(name, known)}"
-                              + (f" in section '{prefix}'" if prefix else ""))
+            raise ConfigError(
+                f"{where}: unknown key '{dotted}'{_moved(dotted) or _suggest(name, known)}"
+                + (f" in section '{prefix}'" if prefix else "")
+            )
         if depth == len(parts) - 1:
             try:
                 value = yaml.safe_load(raw) if raw.strip() else ""

@@ -40,24 +40,48 @@ class ShardConfig:
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        _check(self.short_side >= 16 and self.short_side % 2 == 0, where, "shard.short_side",
-               f"must be an even number >= 16, got {self.short_side}")
+        _check(
+            self.short_side >= 16 and self.short_side % 2 == 0,
+            where,
+            "shard.short_side",
+            f"must be an even number >= 16, got {self.short_side}",
+        )
         _check(self.fps is None or self.fps > 0, where, "shard.fps", f"must be > 0 or null, got {self.fps}")
         _check(0 <= self.crf <= 51, where, "shard.crf", f"must be in [0, 51] (x264), got {self.crf}")
         _check(self.gop >= 1, where, "shard.gop", f"must be >= 1, got {self.gop}")
-        _check(self.preset in _X264_PRESETS, where, "shard.preset",
-               f"must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}")
+        _check(
+            self.preset in _X264_PRESETS,
+            where,
+            "shard.preset",
+            f"must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}",
+        )
         tunes = ("film", "animation", "grain", "stillimage", "psnr", "ssim", "fastdecode", "zerolatency")
-        _check(self.tune is None or self.tune in tunes, where, "shard.tune",
-               f"must be null or one of {', '.join(tunes)} (x264), got {self.tune!r}")
-        _check(self.max_seconds is None or self.max_seconds > 0, where, "shard.max_seconds",
-               f"must be > 0 or null, got {self.max_seconds}")
-        _check(self.input_timeout is None or self.input_timeout > 0, where, "shard.input_timeout",
-               f"must be > 0 or null, got {self.input_timeout}")
+        _check(
+            self.tune is None or self.tune in tunes,
+            where,
+            "shard.tune",
+            f"must be null or one of {', '.join(tunes)} (x264), got {self.tune!r}",
+        )
+        _check(
+            self.max_seconds is None or self.max_seconds > 0,
+            where,
+            "shard.max_seconds",
+            f"must be > 0 or null, got {self.max_seconds}",
+        )
+        _check(
+            self.input_timeout is None or self.input_timeout > 0,
+            where,
+            "shard.input_timeout",
+            f"must be > 0 or null, got {self.input_timeout}",
+        )
         _check(self.max_samples >= 1, where, "shard.max_samples", f"must be >= 1, got {self.max_samples}")
         _check(self.max_bytes >= 1024, where, "shard.max_bytes", f"must be >= 1024, got {self.max_bytes}")
-        _check(bool(self.prefix) and all(c.isalnum() or c in "_-" for c in self.prefix), where,
-               "shard.prefix", f"must be non-empty letters, digits, '_' or '-', got {self.prefix!r}")
+        _check(
+            bool(self.prefix) and all(c.isalnum() or c in "_-" for c in self.prefix),
+            where,
+            "shard.prefix",
+            f"must be non-empty letters, digits, '_' or '-', got {self.prefix!r}",
+        )
         # numpy's default_rng refuses negative seeds: fail here, not in the packer's first step.
         _check(self.seed >= 0, where, "shard.seed", f"must be >= 0, got {self.seed}")
 
@@ -110,13 +134,21 @@ class DataConfig:
         for key in ("loader_workers", "shuffle_initial", "retries", "seed"):
             value = getattr(self, key)
             _check(value >= 0, where, f"data.{key}", f"must be >= 0, got {value}")
-        _check(self.shuffle_initial <= self.shuffle_buffer, where, "data.shuffle_initial",
-               f"must be <= data.shuffle_buffer ({self.shuffle_buffer}), got {self.shuffle_initial}")
+        _check(
+            self.shuffle_initial <= self.shuffle_buffer,
+            where,
+            "data.shuffle_initial",
+            f"must be <= data.shuffle_buffer ({self.shuffle_buffer}), got {self.shuffle_initial}",
+        )
         for key in ("epoch_batches", "epoch_samples"):
             value = getattr(self, key)
             _check(value is None or value >= 1, where, f"data.{key}", f"must be >= 1 or null, got {value}")
-        _check(self.epoch_batches is None or self.epoch_samples is None, where, "data.epoch_samples",
-               "and data.epoch_batches are both set; set one of them")
+        _check(
+            self.epoch_batches is None or self.epoch_samples is None,
+            where,
+            "data.epoch_samples",
+            "and data.epoch_batches are both set; set one of them",
+        )
 
 
 @dataclass
@@ -165,8 +197,12 @@ class ViewsConfig:
         _check(0 < lo <= hi, where, "views.ratio", f"must be [lo, hi] with 0 < lo <= hi, got {self.ratio!r}")
         lo, hi = self.blur_sigma
         _check(0 < lo <= hi, where, "views.blur_sigma", f"must be [lo, hi] with 0 < lo <= hi, got {self.blur_sigma!r}")
-        _check(all(j >= 0 for j in self.jitter) and self.jitter[3] <= 0.5, where, "views.jitter",
-               f"must be >= 0 (brightness, contrast, saturation, hue), hue <= 0.5, got {self.jitter!r}")
+        _check(
+            all(j >= 0 for j in self.jitter) and self.jitter[3] <= 0.5,
+            where,
+            "views.jitter",
+            f"must be >= 0 (brightness, contrast, saturation, hue), hue <= 0.5, got {self.jitter!r}",
+        )
         for key in ("jitter_p", "gray_p", "blur_p", "flip_p"):
             value = getattr(self, key)
             _check(0 <= value <= 1, where, f"views.{key}", f"must be a probability in [0, 1], got {value}")
@@ -202,12 +238,20 @@ class ModelConfig:
 
     def validate(self, where: str) -> None:
         _check(self.width >= 1, where, "model.width", f"must be >= 1, got {self.width}")
-        _check(self.arch == "tiny" or self.width == 64, where, "model.width",
-               f"must be 64 for {self.arch} (fixed torchvision width), got {self.width}")
+        _check(
+            self.arch == "tiny" or self.width == 64,
+            where,
+            "model.width",
+            f"must be 64 for {self.arch} (fixed torchvision width), got {self.width}",
+        )
         _check(self.dim >= 1, where, "model.dim", f"must be >= 1, got {self.dim}")
         _check(0.0 <= self.momentum < 1.0, where, "model.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(self.threshold is None or self.threshold >= 0, where, "model.threshold",
-               f"must be >= 0 or null, got {self.threshold}")
+        _check(
+            self.threshold is None or self.threshold >= 0,
+            where,
+            "model.threshold",
+            f"must be >= 0 or null, got {self.threshold}",
+        )
         _check(self.bn_groups >= 1, where, "model.bn_groups", f"must be >= 1, got {self.bn_groups}")
 
 
@@ -253,11 +297,14 @@ class LossConfig:
         _check(self.tau > 0, where, "loss.tau", f"must be > 0, got {self.tau}")
         _check(self.topk >= 0, where, "loss.topk", f"must be >= 0, got {self.topk}")
         _check(self.topk_warmup >= 0, where, "loss.topk_warmup", f"must be >= 0, got {self.topk_warmup}")
-        _check(self.in_batch or self.queue_size > self.topk, where, "loss.queue_size",
-               f"must exceed loss.topk ({self.topk}), got {self.queue_size}")
+        _check(
+            self.in_batch or self.queue_size > self.topk,
+            where,
+            "loss.queue_size",
+            f"must exceed loss.topk ({self.topk}), got {self.queue_size}",
+        )
         for key in ("w_vv", "w_s", "w_d", "w_align"):
             _check(getattr(self, key) >= 0, where, f"loss.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
-_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
-                 "slower", "veryslow")
+_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")

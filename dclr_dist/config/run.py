@@ -26,8 +26,12 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        _check(bool(self.name) and "/" not in self.name, where, "train.name",
-               f"must be a non-empty name without '/', got {self.name!r}")
+        _check(
+            bool(self.name) and "/" not in self.name,
+            where,
+            "train.name",
+            f"must be a non-empty name without '/', got {self.name!r}",
+        )
         _check(self.epochs >= 1, where, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.grad_accum >= 1, where, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.log_every >= 1, where, "train.log_every", f"must be >= 1, got {self.log_every}")
@@ -55,8 +59,12 @@ class OptimConfig:
         _check(self.lr > 0, where, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.ref_batch >= 1, where, "optim.ref_batch", f"must be >= 1, got {self.ref_batch}")
         _check(self.warmup_epochs >= 0, where, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _check(all(0 < m for m in self.milestones), where, "optim.milestones",
-               f"must be positive epochs, got {self.milestones}")
+        _check(
+            all(0 < m for m in self.milestones),
+            where,
+            "optim.milestones",
+            f"must be positive epochs, got {self.milestones}",
+        )
         _check(self.grad_clip >= 0, where, "optim.grad_clip", f"must be >= 0 (0: off), got {self.grad_clip}")
 
 
@@ -91,8 +99,12 @@ class CheckpointConfig:
 
     def validate(self, where: str) -> None:
         _check(self.every >= 0, where, "checkpoint.every", f"must be >= 0 (0: not by epochs), got {self.every}")
-        _check(self.minutes is None or self.minutes > 0, where, "checkpoint.minutes",
-               f"must be > 0 or null, got {self.minutes}")
+        _check(
+            self.minutes is None or self.minutes > 0,
+            where,
+            "checkpoint.minutes",
+            f"must be > 0 or null, got {self.minutes}",
+        )
         _check(self.keep >= 1, where, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
@@ -122,9 +134,13 @@ class EngineConfig:
     compile: bool = False
 
     def validate(self, where: str) -> None:
-        _check(self.zero_stage in (0, 1, 2), where, "engine.zero_stage",
-               "must be 0, 1 or 2 (ZeRO-3 shards parameters, which the momentum encoder needs whole), "
-               f"got {self.zero_stage}")
+        _check(
+            self.zero_stage in (0, 1, 2),
+            where,
+            "engine.zero_stage",
+            "must be 0, 1 or 2 (ZeRO-3 shards parameters, which the momentum encoder needs whole), "
+            f"got {self.zero_stage}",
+        )
 
 
 @dataclass
@@ -179,8 +195,12 @@ class EvalConfig:
         _check(self.every >= 0, where, "eval.every", f"must be >= 0 (0: off), got {self.every}")
         _check(self.knn_k >= 1, where, "eval.knn_k", f"must be >= 1, got {self.knn_k}")
         _check(self.knn_temperature > 0, where, "eval.knn_temperature", f"must be > 0, got {self.knn_temperature}")
-        _check(bool(self.recall_at) and all(r >= 1 for r in self.recall_at), where, "eval.recall_at",
-               f"must be a non-empty list of ranks >= 1, got {self.recall_at!r}")
+        _check(
+            bool(self.recall_at) and all(r >= 1 for r in self.recall_at),
+            where,
+            "eval.recall_at",
+            f"must be a non-empty list of ranks >= 1, got {self.recall_at!r}",
+        )
         _check(self.l2 is None or self.l2 >= 0, where, "eval.l2", f"must be >= 0 or null, got {self.l2}")
         _check(self.workers >= 0, where, "eval.workers", f"must be >= 0 (0: in this process), got {self.workers}")
         _check(self.gpus_per_worker >= 0, where, "eval.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
@@ -208,8 +228,12 @@ class Config:
     def validate(self, where: str = "<config>") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(where)
-        _check(self.loss.in_batch or self.data.batch_size % self.model.bn_groups == 0, where, "model.bn_groups",
-               f"must divide data.batch_size ({self.data.batch_size}), got {self.model.bn_groups}")
+        _check(
+            self.loss.in_batch or self.data.batch_size % self.model.bn_groups == 0,
+            where,
+            "model.bn_groups",
+            f"must divide data.batch_size ({self.data.batch_size}), got {self.model.bn_groups}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

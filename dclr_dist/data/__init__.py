@@ -16,19 +16,51 @@ skip counts. The loader's own batches (uint8 frames) and decoding: decode.py; ep
 distribution over ranks: shards.py; damage: read.py; the loader across epochs: loader.py.
 """
 
+# Private names the tests reach.
+from dclr_dist.data.decode import _frames as _frames
+from dclr_dist.data.decode import _record as _record
 from dclr_dist.data.decode import clip_indices, decode_frames
 from dclr_dist.data.errors import DamagedSample, DataError
 from dclr_dist.data.loader import EvalStream, TrainStream, eval_loader, to_device, train_loader
+from dclr_dist.data.read import _Skips as _Skips
 from dclr_dist.data.read import decoded, read_parts, read_shards
-from dclr_dist.data.shards import (DEFAULT_GOP, Part, Shard, batches_per_epoch, check_shards, epoch_order,
-                                   listed_shards, resolve_shards, shard_order, stream_parts)
+from dclr_dist.data.shards import (
+    DEFAULT_GOP,
+    Part,
+    Shard,
+    batches_per_epoch,
+    check_shards,
+    epoch_order,
+    listed_shards,
+    resolve_shards,
+    shard_order,
+    stream_parts,
+)
 from dclr_dist.storage import ShardReplaced, gopen_s3
 
-# Private names the tests reach.
-from dclr_dist.data.decode import _frames as _frames, _record as _record
-from dclr_dist.data.read import _Skips as _Skips
-
-__all__ = ["DEFAULT_GOP", "DamagedSample", "DataError", "EvalStream", "Part", "Shard", "ShardReplaced", "TrainStream",
-           "batches_per_epoch", "check_shards", "clip_indices", "decode_frames", "decoded", "epoch_order",
-           "eval_loader", "gopen_s3", "listed_shards", "read_parts", "read_shards", "resolve_shards", "shard_order",
-           "stream_parts", "to_device", "train_loader"]
+__all__ = [
+    "DEFAULT_GOP",
+    "DamagedSample",
+    "DataError",
+    "EvalStream",
+    "Part",
+    "Shard",
+    "ShardReplaced",
+    "TrainStream",
+    "batches_per_epoch",
+    "check_shards",
+    "clip_indices",
+    "decode_frames",
+    "decoded",
+    "epoch_order",
+    "eval_loader",
+    "gopen_s3",
+    "listed_shards",
+    "read_parts",
+    "read_shards",
+    "resolve_shards",
+    "shard_order",
+    "stream_parts",
+    "to_device",
+    "train_loader",
+]

@@ -123,9 +123,11 @@ def _record(sample: dict, labelled: bool) -> dict:
     if not (frames is None or isinstance(frames, int) and frames >= 1) or not (label is None or isinstance(label, int)):
         raise DamagedSample("the .json record's 'frames' (>= 1) and 'label' are not integers")
     if label is None and labelled:
-        raise DataError(f"{sample['__key__']} in {sample['__url__']}: its record has no class label, and evaluation "
-                        "needs one (shards of another tool, e.g. video2dataset?): pack the labelled videos with "
-                        "`python -m dclr_dist.shard` (class folders or a manifest with a label column)")
+        raise DataError(
+            f"{sample['__key__']} in {sample['__url__']}: its record has no class label, and evaluation "
+            "needs one (shards of another tool, e.g. video2dataset?): pack the labelled videos with "
+            "`python -m dclr_dist.shard` (class folders or a manifest with a label column)"
+        )
     return {**record, "frames": frames or _frame_count(sample["mp4"]), "label": -1 if label is None else label}
 
 
@@ -137,8 +139,9 @@ def _frame_count(mp4: bytes) -> int:
                 raise DamagedSample("no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            frames = stream.frames or (round(stream.duration * stream.time_base * rate)
-                                       if stream.duration and stream.time_base and rate else 0)
+            frames = stream.frames or (
+                round(stream.duration * stream.time_base * rate) if stream.duration and stream.time_base and rate else 0
+            )
     except av.error.FFmpegError as e:
         raise DamagedSample(f"undecodable video: {e}") from None
     if frames < 1:
@@ -161,9 +164,13 @@ def _train_item(sample: dict, cfg: ViewsConfig, rng: np.random.Generator, labell
         clips.append(clip_indices(start, T + 1, stride, n))
     frames = decode_frames(sample["mp4"], sorted(set(clips[0] + clips[1])), sample["__gop__"])
     height, width = frames[clips[0][0]].shape[:2]
-    return {"label": record["label"], "key": sample["__key__"],
-            "q": [frames[i] for i in clips[0]], "k": [frames[i] for i in clips[1]],
-            "aug": views.draw(rng, cfg, height, width)}  # (4, NUM_PARAMS)
+    return {
+        "label": record["label"],
+        "key": sample["__key__"],
+        "q": [frames[i] for i in clips[0]],
+        "k": [frames[i] for i in clips[1]],
+        "aug": views.draw(rng, cfg, height, width),
+    }  # (4, NUM_PARAMS)
 
 
 def _eval_item(sample: dict, cfg: ViewsConfig, num_clips: int) -> dict:
@@ -173,8 +180,13 @@ def _eval_item(sample: dict, cfg: ViewsConfig, num_clips: int) -> dict:
     starts = np.linspace(0, max(n - span, 0), num_clips).round().astype(int)
     clips = [clip_indices(int(s), T, stride, n) for s in starts]
     frames = decode_frames(sample["mp4"], sorted({i for c in clips for i in c}), sample["__gop__"])
-    return {"label": record["label"], "key": sample["__key__"], "clips": [[frames[i] for i in c] for c in clips],
-            "box": views.center_box(*frames[clips[0][0]].shape[:2]), "meta": record.get("meta", {})}
+    return {
+        "label": record["label"],
+        "key": sample["__key__"],
+        "clips": [[frames[i] for i in c] for c in clips],
+        "box": views.center_box(*frames[clips[0][0]].shape[:2]),
+        "meta": record.get("meta", {}),
+    }
 
 
 def _frames(videos: list[list[np.ndarray]]) -> torch.Tensor:
@@ -192,9 +204,9 @@ def _frames(videos: list[list[np.ndarray]]) -> torch.Tensor:
         for t, frame in enumerate(video):
             out[b, t, :h, :w] = frame
         if h < height:
-            out[b, :, h:, :w] = out[b, :, h - 1:h, :w]
+            out[b, :, h:, :w] = out[b, :, h - 1 : h, :w]
         if w < width:
-            out[b, :, :, w:] = out[b, :, :, w - 1:w]
+            out[b, :, :, w:] = out[b, :, :, w - 1 : w]
     return torch.from_numpy(out)
 
 

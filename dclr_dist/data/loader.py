@@ -39,8 +39,18 @@ def _stream() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Training batches of one rank for ``epochs`` epochs from ``epoch``: ``batches`` per epoch, over its workers."""
 
-    def __init__(self, shards: list[Shard], data: DataConfig, cfg: ViewsConfig, rank: int, world_size: int,
-                 epoch: int, epochs: int, batches: int, labelled: bool):
+    def __init__(
+        self,
+        shards: list[Shard],
+        data: DataConfig,
+        cfg: ViewsConfig,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        epochs: int,
+        batches: int,
+        labelled: bool,
+    ):
         self.shards, self.data, self.cfg = shards, data, cfg
         self.rank, self.world_size, self.epoch, self.epochs, self.batches = rank, world_size, epoch, epochs, batches
         self.labelled = labelled
@@ -60,11 +70,17 @@ class TrainStream(IterableDataset):
             slot = (worker - (epoch - self.epoch) * self.batches) % workers
             stream = self.rank * workers + slot
             rng = np.random.default_rng([self.data.seed, epoch, stream, len(quotas)])
-            samples = read_parts(stream_parts(self.shards, self.data.seed, epoch, stream, quotas), skips,
-                                 self.data.retries)
+            samples = read_parts(
+                stream_parts(self.shards, self.data.seed, epoch, stream, quotas), skips, self.data.retries
+            )
             # Shuffling compressed samples keeps the buffer small: ~100 kB per video at 128p.
-            ordered = epoch_order(samples, quotas[stream], self.data.shuffle_buffer, self.data.shuffle_initial,
-                                  random.Random(int(rng.integers(2**63))))
+            ordered = epoch_order(
+                samples,
+                quotas[stream],
+                self.data.shuffle_buffer,
+                self.data.shuffle_initial,
+                random.Random(int(rng.integers(2**63))),
+            )
             items = decoded(ordered, partial(_train_item, cfg=self.cfg, rng=rng, labelled=self.labelled), skips)
             for _ in range(counts[slot]):
                 batch = _collate([next(items) for _ in range(B)], skips)
@@ -84,8 +100,11 @@ class EvalStream(IterableDataset):
         stream, streams = self.rank * workers + worker, self.world_size * workers
         mine = self.shards[stream::streams]
         skips = _Skips(len(self.shards))
-        items = decoded(read_shards(iter(mine), skips, self.data.retries),
-                        partial(_eval_item, cfg=self.cfg, num_clips=self.data.eval_clips), skips)
+        items = decoded(
+            read_shards(iter(mine), skips, self.data.retries),
+            partial(_eval_item, cfg=self.cfg, num_clips=self.data.eval_clips),
+            skips,
+        )
         batch = []
         for item in items:
             batch.append(item)
@@ -96,8 +115,16 @@ class EvalStream(IterableDataset):
             yield _collate(batch, skips)
 
 
-def train_loader(data: DataConfig, cfg: ViewsConfig, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 epochs: int = 1, labelled: bool = False) -> DataLoader:
+def train_loader(
+    data: DataConfig,
+    cfg: ViewsConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    epochs: int = 1,
+    labelled: bool = False,
+) -> DataLoader:
     """The training batches of ``rank`` for epochs ``epoch`` to ``epoch + epochs - 1``, in order.
 
     ``batches_per_epoch`` per epoch; one loader serves a whole run (module docstring).
@@ -107,8 +134,9 @@ def train_loader(data: DataConfig, cfg: ViewsConfig, *, rank: int = 0, world_siz
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     shards = listed_shards(data.train, "data.train")
-    dataset = TrainStream(shards, data, cfg, rank, world_size, epoch, epochs,
-                          batches_per_epoch(data, shards, world_size), labelled)
+    dataset = TrainStream(
+        shards, data, cfg, rank, world_size, epoch, epochs, batches_per_epoch(data, shards, world_size), labelled
+    )
     return _loader(dataset, data)
 
 
@@ -124,9 +152,13 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def _loader(dataset: IterableDataset, data: DataConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=data.loader_workers,
-                      pin_memory=data.pin_memory and torch.cuda.is_available(),
-                      prefetch_factor=data.prefetch if data.loader_workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=data.loader_workers,
+        pin_memory=data.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=data.prefetch if data.loader_workers else None,
+    )
 
 
 def to_device(batch: dict, device: torch.device | str, cfg: ViewsConfig) -> dict:

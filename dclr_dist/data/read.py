@@ -67,8 +67,12 @@ class _Skips:
         if end is None:
             self.shards += 1
             self.samples += cut
-            log.warning("%s: skipped: %s; %s an unknown number of samples after it (no index.json lists this "
-                        "shard)", url, reason, "lost the sample being read and" if cut else "lost")
+            log.warning(
+                "%s: skipped: %s; %s an unknown number of samples after it (no index.json lists this shard)",
+                url,
+                reason,
+                "lost the sample being read and" if cut else "lost",
+            )
             return
         lost = end - max(at, part.first)
         self.samples += lost
@@ -82,12 +86,18 @@ class _Skips:
             self.samples += 1
             log.warning("%s in %s: damaged sample skipped: %s", sample["__key__"], sample["__url__"], error)
         else:
-            log.debug("%s in %s: damaged sample read past this stream's range: %s", sample["__key__"],
-                      sample["__url__"], error)
+            log.debug(
+                "%s in %s: damaged sample read past this stream's range: %s",
+                sample["__key__"],
+                sample["__url__"],
+                error,
+            )
         if self.good_samples == 0 and self.damaged >= _MAX_DAMAGED_FIRST:
-            raise DataError(f"the first {self.damaged} samples read were all damaged (last: "
-                            f"{sample['__key__']} in {sample['__url__']}: {error}). Are these shards of "
-                            "videos (an .mp4 and a .json per sample, see dclr_dist.data)?")
+            raise DataError(
+                f"the first {self.damaged} samples read were all damaged (last: "
+                f"{sample['__key__']} in {sample['__url__']}: {error}). Are these shards of "
+                "videos (an .mp4 and a .json per sample, see dclr_dist.data)?"
+            )
 
     def take(self) -> tuple[int, int]:
         previous, self.reported = self.reported, (self.samples, self.shards)
@@ -127,8 +137,13 @@ def read_parts(parts: Iterable[Part], skips: _Skips, retries: int) -> Iterator[d
                 continue
         expected = shard.samples if part.to_end else part.end
         if expected is not None and tar.done < expected:
-            skips.lost(part, tar.done, f"it ended after {tar.done} of the {shard.samples} samples its index.json "
-                       f"lists" + (f": {problem}" if problem else " (truncated?)"), cut=False)
+            skips.lost(
+                part,
+                tar.done,
+                f"it ended after {tar.done} of the {shard.samples} samples its index.json "
+                f"lists" + (f": {problem}" if problem else " (truncated?)"),
+                cut=False,
+            )
         elif problem and shard.samples is None:
             skips.lost(part, tar.done, f"after {tar.done} samples, {problem}", cut=False)
         elif problem:
@@ -139,8 +154,10 @@ def read_parts(parts: Iterable[Part], skips: _Skips, retries: int) -> Iterator[d
 def _fail(skips: _Skips, shard: Shard, error: Exception) -> None:
     skips.failed_in_a_row += 1
     if skips.failed_in_a_row >= skips.num_shards:
-        raise DataError(f"{skips.failed_in_a_row} shards in a row could not be read; the last, {shard.url}: "
-                        f"{type(error).__name__}: {error}") from error
+        raise DataError(
+            f"{skips.failed_in_a_row} shards in a row could not be read; the last, {shard.url}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 class _Tar:
@@ -172,8 +189,11 @@ class _Tar:
                     self.more = True
                     return
                 key = f"{folder}/{stem}" if folder else stem
-                sample = {"__key__": key, "__url__": self.shard.url, "__gop__": self.shard.gop} \
-                    if self.done >= first else None
+                sample = (
+                    {"__key__": key, "__url__": self.shard.url, "__gop__": self.shard.gop}
+                    if self.done >= first
+                    else None
+                )
             if sample is not None:
                 sample[ext.lower()] = self.tar.extractfile(member).read()
         if key is not None:
@@ -197,8 +217,9 @@ class _Tar:
         if not head:
             return f"it ends at byte {offset} without an end-of-archive marker (truncated?)"
         if head.strip(b"\0"):
-            return (f"unreadable data at byte {offset}, where a tar header should be (a damaged or cut header, "
-                    "or garbage)")
+            return (
+                f"unreadable data at byte {offset}, where a tar header should be (a damaged or cut header, or garbage)"
+            )
         while chunk := self.stream.read(1 << 16):
             if chunk.strip(b"\0"):
                 return f"data after its end-of-archive marker at byte {offset} (a second tar appended?)"
@@ -207,8 +228,11 @@ class _Tar:
 
 # First bytes of a gzip, bzip2 or xz stream (bzip2's with its block magic: "BZh" alone could
 # begin a tar member's name).
-_COMPRESSED_MAGIC = {"gzip": re.compile(rb"\x1f\x8b"), "bzip2": re.compile(rb"BZh[1-9]1AY&SY"),
-                     "xz": re.compile(rb"\xfd7zXZ\x00")}
+_COMPRESSED_MAGIC = {
+    "gzip": re.compile(rb"\x1f\x8b"),
+    "bzip2": re.compile(rb"BZh[1-9]1AY&SY"),
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+}
 
 
 def _refuse_compressed(stream, url: str) -> None:
@@ -235,7 +259,7 @@ def _open_shard(url: str, retries: int):
             # few times, then let read_parts skip it.
             if attempt == retries:
                 raise
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
 
 

@@ -103,8 +103,10 @@ def _check_url(url: str) -> None:
     """Refuse URLs that run commands or name compressed shards, before any worker opens them."""
     # WebDataset runs a pipe: URL as a shell command: a config or index.json is not a script.
     if _is_pipe(url) and os.environ.get("DCLR_ALLOW_PIPE") != "1":
-        raise DataError(f"{url}: pipe: URLs run shell commands and are refused; list .tar files, an index.json "
-                        "or a packed folder (local or s3://), or set DCLR_ALLOW_PIPE=1 if you trust every URL")
+        raise DataError(
+            f"{url}: pipe: URLs run shell commands and are refused; list .tar files, an index.json "
+            "or a packed folder (local or s3://), or set DCLR_ALLOW_PIPE=1 if you trust every URL"
+        )
     if url.lower().endswith(_COMPRESSED_TAR):
         raise DataError(f"{url}: compressed shards are not supported; {_REPACK}")
 
@@ -127,9 +129,11 @@ def _read_index(url: str) -> list[Shard]:
     try:
         return _index_shards(url)
     except FileNotFoundError:
-        raise DataError(f"{url}: not found. List shard .tar URLs, an index.json, or a folder packed by "
-                        "`python -m dclr_dist.shard` (its index.json is written last: is the packing "
-                        "finished?)") from None
+        raise DataError(
+            f"{url}: not found. List shard .tar URLs, an index.json, or a folder packed by "
+            "`python -m dclr_dist.shard` (its index.json is written last: is the packing "
+            "finished?)"
+        ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{url}: not an index.json written by `python -m dclr_dist.shard` ({e!r})") from None
 
@@ -142,15 +146,19 @@ def _index_beside(folder: str) -> dict[str, Shard]:
     except FileNotFoundError:
         return {}  # shards of another tool: no counts
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{storage.join(folder, 'index.json')}: not an index.json written by "
-                        f"`python -m dclr_dist.shard` ({e!r}); move it away from the shards") from None
+        raise DataError(
+            f"{storage.join(folder, 'index.json')}: not an index.json written by "
+            f"`python -m dclr_dist.shard` ({e!r}); move it away from the shards"
+        ) from None
 
 
 def listed_shards(urls: list[str], key: str) -> list[Shard]:
     """``resolve_shards`` of the config entry ``key``, which must name some."""
     if not urls:
-        raise DataError(f"{key} is empty: set it to the shards to read (an index.json, a folder or s3:// prefix "
-                        "packed by `python -m dclr_dist.shard`, or .tar URLs)")
+        raise DataError(
+            f"{key} is empty: set it to the shards to read (an index.json, a folder or s3:// prefix "
+            "packed by `python -m dclr_dist.shard`, or .tar URLs)"
+        )
     return resolve_shards(urls)
 
 
@@ -170,8 +178,10 @@ def check_shards(shards: list[Shard], key: str) -> None:
         missing += [url for url in urls if url.rsplit("/", 1)[-1] not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}{more}: listed in {key} (or the index.json it names) but not there: copy "
-                        f"the whole packed folder, or re-pack with `python -m dclr_dist.shard`, or fix {key}")
+        raise DataError(
+            f"{missing[0]}{more}: listed in {key} (or the index.json it names) but not there: copy "
+            f"the whole packed folder, or re-pack with `python -m dclr_dist.shard`, or fix {key}"
+        )
 
 
 def _permutation(num_shards: int, seed: int, epoch: int, cycle: int) -> np.ndarray:
@@ -229,8 +239,10 @@ def batches_per_epoch(data: DataConfig, shards: list[Shard], world_size: int) ->
     samples = data.epoch_samples
     if samples is None:
         if any(s.samples is None for s in shards):
-            raise DataError("data.train lists shards no index.json lists, so the epoch length is unknown: set "
-                            "data.epoch_samples (or data.epoch_batches), or list the index.json")
+            raise DataError(
+                "data.train lists shards no index.json lists, so the epoch length is unknown: set "
+                "data.epoch_samples (or data.epoch_batches), or list the index.json"
+            )
         samples = sum(s.samples for s in shards)
     # Rounded down: every rank must step the same number of times; at least one step.
     return max(1, samples // (world_size * data.batch_size))

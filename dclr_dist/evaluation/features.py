@@ -29,10 +29,10 @@ from dclr_dist.model import gap
 class Features:
     """Video features of one split, sorted by key (the same whatever the ranks and workers)."""
 
-    x: torch.Tensor        # (V, C) float32, L2-normalised
-    label: torch.Tensor    # (V,) int64
+    x: torch.Tensor  # (V, C) float32, L2-normalised
+    label: torch.Tensor  # (V,) int64
     keys: list[str]
-    meta: list[dict]       # each record's meta (e.g. {"scene": "scene003"}), {} where none
+    meta: list[dict]  # each record's meta (e.g. {"scene": "scene003"}), {} where none
     # Damage the reader skipped (each sample and shard named in a warning): the protocols
     # score the V videos read, so a report must say how many were not.
     skipped_samples: int = 0
@@ -61,42 +61,71 @@ def _listed(urls: list[str]) -> int | None:
 
 
 @torch.no_grad()
-def _batch_features(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str],
-                    device: torch.device, rank: int, world_size: int):
+def _batch_features(
+    f: nn.Module,
+    data_cfg: DataConfig,
+    views_cfg: ViewsConfig,
+    urls: list[str],
+    device: torch.device,
+    rank: int,
+    world_size: int,
+):
     """Per eval batch of ``rank``: (x (B, C) on the CPU, label (B,), keys, metas, skipped samples, skipped shards)."""
     from dclr_dist import data
 
     dtype = next(f.parameters()).dtype
-    for batch in data.eval_loader(dataclasses.replace(data_cfg, eval=list(urls)), views_cfg, rank=rank,
-                                  world_size=world_size):
+    for batch in data.eval_loader(
+        dataclasses.replace(data_cfg, eval=list(urls)), views_cfg, rank=rank, world_size=world_size
+    ):
         skipped = int(batch["skipped_samples"]), int(batch["skipped_shards"])
         batch = data.to_device(batch, device, views_cfg)
         clips = batch["clips"]  # (B, N, 3, T, S, S)
         B, N = clips.shape[:2]
         h = gap(f(clips.flatten(0, 1).to(dtype))).float()  # (B * N, C)
-        yield (F.normalize(h.view(B, N, -1).mean(1), dim=1).cpu(), batch["label"].cpu(), batch["key"],
-               batch["meta"], *skipped)
+        yield (
+            F.normalize(h.view(B, N, -1).mean(1), dim=1).cpu(),
+            batch["label"].cpu(),
+            batch["key"],
+            batch["meta"],
+            *skipped,
+        )
 
 
 def _merge(parts: list[tuple], urls: list[str], listed: int | None) -> Features:
     """One split's Features from the batches of every rank or worker, in key order."""
     parts = [p for p in parts if p[2]]
     if not parts:
-        raise EvalError(f"no video of {urls} could be read (damaged samples were skipped, each with a warning "
-                        "naming it): evaluation needs shards packed by `python -m dclr_dist.shard`, whose "
-                        "records carry an integer label")
+        raise EvalError(
+            f"no video of {urls} could be read (damaged samples were skipped, each with a warning "
+            "naming it): evaluation needs shards packed by `python -m dclr_dist.shard`, whose "
+            "records carry an integer label"
+        )
     keys = [k for p in parts for k in p[2]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     metas = [m for p in parts for m in p[3]]
     # The loader's counts travel with batches, so damage after a stream's last batch is not
     # in them; the index.json sample counts (``listed``) are exact where every shard is there.
     skipped = listed - len(keys) if listed is not None else sum(p[4] for p in parts)
-    return Features(torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order],
-                    [keys[i] for i in order], [metas[i] for i in order], skipped, sum(p[5] for p in parts))
+    return Features(
+        torch.cat([p[0] for p in parts])[order],
+        torch.cat([p[1] for p in parts])[order],
+        [keys[i] for i in order],
+        [metas[i] for i in order],
+        skipped,
+        sum(p[5] for p in parts),
+    )
 
 
-def extract(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str], device: torch.device,
-            rank: int = 0, world_size: int = 1, progress: str | None = None) -> Features:
+def extract(
+    f: nn.Module,
+    data_cfg: DataConfig,
+    views_cfg: ViewsConfig,
+    urls: list[str],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: str | None = None,
+) -> Features:
     """Features of every video in ``urls``, in this process on ``device``; with several ranks (a
     process group) each extracts its share and all get all. ``progress``: a progress bar's label."""
     was_training = f.training
@@ -116,8 +145,15 @@ def extract(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: li
     return _merge(parts, urls, listed)
 
 
-def _worker_features(f: nn.Module, data_cfg: DataConfig, views_cfg: ViewsConfig, urls: list[str], rank: int,
-                     world_size: int, use_gpu: bool):
+def _worker_features(
+    f: nn.Module,
+    data_cfg: DataConfig,
+    views_cfg: ViewsConfig,
+    urls: list[str],
+    rank: int,
+    world_size: int,
+    use_gpu: bool,
+):
     """Ray task: the batches of part ``rank`` of ``world_size`` (a generator: each batch streams back)."""
     device = torch.device("cuda" if use_gpu else "cpu")
     yield from _batch_features(f.to(device).eval(), data_cfg, views_cfg, urls, device, rank, world_size)
@@ -130,11 +166,12 @@ def extract_on_workers(f: nn.Module, cfg: Config, urls: list[str], progress: str
     import ray
 
     launch.connect_ray()
-    task = ray.remote(_worker_features).options(num_cpus=cfg.eval.cpus_per_worker,
-                                                num_gpus=cfg.eval.gpus_per_worker)
+    task = ray.remote(_worker_features).options(num_cpus=cfg.eval.cpus_per_worker, num_gpus=cfg.eval.gpus_per_worker)
     model = ray.put(f)
-    streams = [task.remote(model, cfg.data, cfg.views, list(urls), rank, cfg.eval.workers,
-                           cfg.eval.gpus_per_worker > 0) for rank in range(cfg.eval.workers)]
+    streams = [
+        task.remote(model, cfg.data, cfg.views, list(urls), rank, cfg.eval.workers, cfg.eval.gpus_per_worker > 0)
+        for rank in range(cfg.eval.workers)
+    ]
     parts, listed = [], _listed(urls)
     with progress_bar(progress, total=listed, unit="video") as bar:
         while streams:

@@ -64,8 +64,13 @@ def finetune_loop(loop_config: dict) -> None:
     pred, y = _clip_averaged_predictions(net, cfg, loop_config["test"], device, rank, world)
     if len(y) == 0:
         raise EvalError(f"no test video of {loop_config['test']} could be read: see the warnings")
-    metrics = {"epoch": cfg.finetune.epochs, "loss": train_loss, "train_top1": train_top1,
-               **accuracy(pred, y, loop_config["classes"]), "videos": len(y)}
+    metrics = {
+        "epoch": cfg.finetune.epochs,
+        "loss": train_loss,
+        "train_top1": train_top1,
+        **accuracy(pred, y, loop_config["classes"]),
+        "videos": len(y),
+    }
     # Ray Train keeps the metrics of checkpointed reports only: rank 0's checkpoint is the
     # fine-tuned network, a state_dict of f.* (backbone) and fc.* (classifier).
     with tempfile.TemporaryDirectory() as d:
@@ -84,8 +89,9 @@ def _train_epochs(model: nn.Module, cfg: Config, device: torch.device, rank: int
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), world)
     epochs = cfg.finetune.epochs
     lr = scaled_lr(cfg.finetune.lr, cfg.data.batch_size * world, cfg.finetune.ref_batch)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.finetune.momentum,
-                          weight_decay=cfg.finetune.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.finetune.momentum, weight_decay=cfg.finetune.weight_decay
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * batches)
     # One loader for every epoch (no re-fork at epoch boundaries); unlabelled shards are an error.
     it = iter(data.train_loader(cfg.data, cfg.views, rank=rank, world_size=world, epochs=epochs, labelled=True))
@@ -113,8 +119,9 @@ def _train_epochs(model: nn.Module, cfg: Config, device: torch.device, rank: int
     return train_loss, train_top1
 
 
-def _clip_averaged_predictions(net: nn.Module, cfg: Config, test: list[str], device: torch.device, rank: int,
-                               world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_averaged_predictions(
+    net: nn.Module, cfg: Config, test: list[str], device: torch.device, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each test video's class by the softmax averaged over its clips, and its label, gathered
     from every rank: (pred (V,), y (V,)) on the CPU."""
     import torch.distributed as dist
@@ -124,8 +131,7 @@ def _clip_averaged_predictions(net: nn.Module, cfg: Config, test: list[str], dev
     net.eval()
     keys, preds, labels = [], [], []
     with torch.no_grad():
-        for batch in data.eval_loader(dataclasses.replace(cfg.data, eval=test), cfg.views,
-                                      rank=rank, world_size=world):
+        for batch in data.eval_loader(dataclasses.replace(cfg.data, eval=test), cfg.views, rank=rank, world_size=world):
             batch = data.to_device(batch, device, cfg.views)
             clips = batch["clips"]  # (B, N, 3, T, S, S)
             B, N = clips.shape[:2]
@@ -148,13 +154,22 @@ def finetune(cfg: Config, folder: str, test: list[str], classes: list[str]) -> d
     # A new run each time, beside the pretraining runs (train.storage_path, which every node
     # reaches): the same name would make Ray Train resume a finished fine-tuning.
     name = f"{cfg.train.name}-finetune-{time.strftime('%Y%m%d-%H%M%S')}"
-    loop_config = {"config": cfg.to_dict(), "checkpoint": folder, "test": test, "classes": classes,
-                   "num_classes": len(classes)}
+    loop_config = {
+        "config": cfg.to_dict(),
+        "checkpoint": folder,
+        "test": test,
+        "classes": classes,
+        "num_classes": len(classes),
+    }
     try:
         result = launch.run(launch.torch_trainer(finetune_loop, loop_config, cfg, name))
     except launch.TrainingFailed as e:
         raise EvalError(f"fine-tuning failed: {e}") from None
     path = result.checkpoint.path  # pyarrow's paths lack the s3://
     where = f"s3://{path}" if storage.is_s3(cfg.train.storage_path) else path
-    return {**result.metrics, "model": storage.join(where, "model.pt"), "epochs": cfg.finetune.epochs,
-            "chance": 1 / len(classes)}
+    return {
+        **result.metrics,
+        "model": storage.join(where, "model.pt"),
+        "epochs": cfg.finetune.epochs,
+        "chance": 1 / len(classes),
+    }

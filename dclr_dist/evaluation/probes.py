@@ -54,8 +54,15 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: 
     z = (x - mu) / sd
     W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=500, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1,
+        max_iter=500,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -73,16 +80,18 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
     K = len(classes)
     confusion = torch.zeros(K, K, dtype=torch.long)
     confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    per_class = {c: (confusion[i, i] / confusion[i].sum()).item() for i, c in enumerate(classes)
-                 if confusion[i].sum() > 0}
+    per_class = {
+        c: (confusion[i, i] / confusion[i].sum()).item() for i, c in enumerate(classes) if confusion[i].sum() > 0
+    }
     return {"top1": (pred == y).double().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 3,
-              progress: str | None = None) -> tuple[float, dict]:
+def choose_l2(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 3, progress: str | None = None
+) -> tuple[float, dict]:
     """The L2 penalty of L2_GRID with the best k-fold accuracy on (x, y), the train split; and each one's."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     held = [order[i::folds] for i in range(folds)]
@@ -105,8 +114,14 @@ def linear_probe(train: Features, test: Features, classes: list[str], l2: float)
     return {**accuracy(predict(test.x), test.label, classes), "chance": 1 / len(classes), "l2": l2}
 
 
-def nearest(gallery_x: torch.Tensor, query_x: torch.Tensor, n: int, chunk: int = 512, leave_one_out: bool = False,
-            progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    gallery_x: torch.Tensor,
+    query_x: torch.Tensor,
+    n: int,
+    chunk: int = 512,
+    leave_one_out: bool = False,
+    progress: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The n gallery videos nearest each query by cosine (L2-normalised features), on their device:
     similarities and gallery indices, (Q, n), nearest first; equal similarities in gallery
     order, as a stable sort of each row gives them (topk alone leaves that to the device).
@@ -121,7 +136,7 @@ def nearest(gallery_x: torch.Tensor, query_x: torch.Tensor, n: int, chunk: int =
     n = min(n, gallery_x.shape[0] - leave_one_out)
     sims, idxs = [], []
     for start in progress_bar(progress, iterable=range(0, query_x.shape[0], chunk), unit="chunk"):
-        sim = query_x[start:start + chunk] @ gallery_x.T  # (c, G)
+        sim = query_x[start : start + chunk] @ gallery_x.T  # (c, G)
         if leave_one_out:
             rows = torch.arange(sim.shape[0], device=sim.device)
             sim[rows, rows + start] = -math.inf
@@ -147,8 +162,16 @@ def _vote(top: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float) -
     return votes.argmax(1).cpu()
 
 
-def knn_predict(gallery_x: torch.Tensor, gallery_y: torch.Tensor, query_x: torch.Tensor, num_classes: int,
-                k: int, t: float, leave_one_out: bool = False, chunk: int = 512) -> torch.Tensor:
+def knn_predict(
+    gallery_x: torch.Tensor,
+    gallery_y: torch.Tensor,
+    query_x: torch.Tensor,
+    num_classes: int,
+    k: int,
+    t: float,
+    leave_one_out: bool = False,
+    chunk: int = 512,
+) -> torch.Tensor:
     """k-NN classifier on L2-normalised features: votes exp(cos / t) of the k nearest (Wu et al. 2018).
 
     leave_one_out: queries are the gallery itself, and none votes for itself.
@@ -157,25 +180,41 @@ def knn_predict(gallery_x: torch.Tensor, gallery_y: torch.Tensor, query_x: torch
     return _vote(top, gallery_y.to(idx.device)[idx], num_classes, t)
 
 
-def knn_retrieval(train: Features, test: Features, classes: list[str], k: int, t: float,
-                  recall_at: list[int], chunk: int = 512, progress: bool = False) -> dict:
+def knn_retrieval(
+    train: Features,
+    test: Features,
+    classes: list[str],
+    k: int,
+    t: float,
+    recall_at: list[int],
+    chunk: int = 512,
+    progress: bool = False,
+) -> dict:
     """Test queries against the train gallery: recall@K and the k-NN classifier's accuracy, on the
     features and on centred features (``centred``); computed on the features' device."""
     mean = train.x.mean(0)
     gallery_y, query_y = train.label.to(train.x.device), test.label.to(train.x.device)
     out = {}
-    for name, gallery, queries in (("raw", train.x, test.x),
-                                   ("centred", F.normalize(train.x - mean, dim=1), F.normalize(test.x - mean, dim=1))):
+    for name, gallery, queries in (
+        ("raw", train.x, test.x),
+        ("centred", F.normalize(train.x - mean, dim=1), F.normalize(test.x - mean, dim=1)),
+    ):
         # enough neighbours for the vote, every recall@K and the plotted curve's first 100
-        top, idx = nearest(gallery, queries, max(k, 100, *recall_at), chunk,
-                           progress=f"k-NN, {name} features" if progress else None)
+        top, idx = nearest(
+            gallery, queries, max(k, 100, *recall_at), chunk, progress=f"k-NN, {name} features" if progress else None
+        )
         hits = gallery_y[idx] == query_y[:, None]  # (Q, n)
         recall = {f"R@{r}": hits[:, :r].any(1).double().mean().item() for r in recall_at if r <= len(train.keys)}
         pred = _vote(top[:, :k], gallery_y[idx[:, :k]], len(classes), t)
         curve = hits.int().cummax(1).values.double().mean(0)  # recall@1, @2, ... (plot)
         out[name] = {"recall": recall, "recall_curve": curve.tolist(), **accuracy(pred, test.label, classes)}
-    return {**out["raw"], "centred": {n: out["centred"][n] for n in ("top1", "recall")},
-            "k": min(k, len(train.keys)), "t": t, "chance": 1 / len(classes)}
+    return {
+        **out["raw"],
+        "centred": {n: out["centred"][n] for n in ("top1", "recall")},
+        "k": min(k, len(train.keys)),
+        "t": t,
+        "chance": 1 / len(classes),
+    }
 
 
 def knn_monitor(f: nn.Module, cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> float:
@@ -191,8 +230,16 @@ def knn_monitor(f: nn.Module, cfg: Config, device: torch.device, rank: int = 0, 
         raise EvalError(f"data.eval {cfg.data.eval} holds {len(feats.keys)} video: leave-one-out k-NN needs two")
     num_classes = int(feats.label.max()) + 1
     x = feats.x.to(device)
-    pred = knn_predict(x, feats.label, x, num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature, leave_one_out=True,
-                       chunk=cfg.eval.chunk)
+    pred = knn_predict(
+        x,
+        feats.label,
+        x,
+        num_classes,
+        cfg.eval.knn_k,
+        cfg.eval.knn_temperature,
+        leave_one_out=True,
+        chunk=cfg.eval.chunk,
+    )
     return (pred == feats.label).double().mean().item()
 
 
@@ -200,9 +247,11 @@ def scene_probe(train: Features, test: Features, classes: list[str], l2: float) 
     """Motion against scene (module docstring): probes on the train split, scene-swap on the test split."""
     train_scenes, test_scenes = train.scenes, test.scenes
     if train_scenes is None or test_scenes is None:
-        raise EvalError("the scene probe needs a scene for every video (meta.scene in the records) and these "
-                        "shards have none: pack the synthetic scene-bias corpus (`python -m dclr_dist.shard "
-                        "synth`), or a manifest with a scene column")
+        raise EvalError(
+            "the scene probe needs a scene for every video (meta.scene in the records) and these "
+            "shards have none: pack the synthetic scene-bias corpus (`python -m dclr_dist.shard "
+            "synth`), or a manifest with a scene column"
+        )
     # Two folds of the train videos, each scene in both: a scene probe must recognise the scene
     # of videos it was not fitted on (their scenes' other videos are in the other fold).
     names = sorted(set(train_scenes))
@@ -239,7 +288,5 @@ def scene_probe(train: Features, test: Features, classes: list[str], l2: float) 
         "swap_queries": len(aucs),
         "nn_same_motion": same_motion[rows, nn_].double().mean().item(),
         "nn_same_scene": same_scene[rows, nn_].double().mean().item(),
-        "scenes": {"train": len(names), "test": len(set(test_scenes)),
-                   "shared": len(set(names) & set(test_scenes))},
+        "scenes": {"train": len(names), "test": len(set(test_scenes)), "shared": len(set(names) & set(test_scenes))},
     }
-

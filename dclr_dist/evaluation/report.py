@@ -23,13 +23,21 @@ def render_table(report: dict) -> str:
             if s["samples"] or s["shards"]:
                 shards = f", {s['shards']} shards broken" if s["shards"] else ""
                 split[name] += f" ({s['samples']} skipped as damaged or unreadable{shards}; see the warnings)"
-        lines.append(f"{split['train']}, {split['test']}, {len(report['classes'])} classes, {report['clips']} clips "
-                     f"of {report['frames']}x{report['size']}x{report['size']} per video")
+        lines.append(
+            f"{split['train']}, {split['test']}, {len(report['classes'])} classes, {report['clips']} clips "
+            f"of {report['frames']}x{report['size']}x{report['size']} per video"
+        )
     rows = [("protocol", "measure", "value", "chance")]
     p = report["protocols"]
     if "linear" in p:
-        rows.append(("linear", f"top-1, test (l2 {p['linear']['l2']:g})", _pct(p["linear"]["top1"]),
-                     _pct(p["linear"]["chance"])))
+        rows.append(
+            (
+                "linear",
+                f"top-1, test (l2 {p['linear']['l2']:g})",
+                _pct(p["linear"]["top1"]),
+                _pct(p["linear"]["chance"]),
+            )
+        )
     if "knn" in p:
         k = p["knn"]
         rows.append(("knn", f"top-1, k={k['k']} t={k['t']:g}", _pct(k["top1"]), _pct(k["chance"])))
@@ -51,8 +59,9 @@ def render_table(report: dict) -> str:
         ft = p["finetune"]
         rows.append(("finetune", f"top-1, test ({ft['epochs']} epochs)", _pct(ft["top1"]), _pct(ft["chance"])))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-              for r in rows]
+    lines += [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -91,8 +100,13 @@ def plot_report(report: dict, out: Path) -> list[Path]:
         curve = p["knn"]["recall_curve"]
         fig, ax = plt.subplots(figsize=(5, 4))
         ax.plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 60 else None)
-        ax.set(xscale="log", xlabel="K (train videos retrieved)", ylabel="recall@K", ylim=(0, 1.02),
-               title="retrieval, test queries vs train gallery")
+        ax.set(
+            xscale="log",
+            xlabel="K (train videos retrieved)",
+            ylabel="recall@K",
+            ylim=(0, 1.02),
+            title="retrieval, test queries vs train gallery",
+        )
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         written.append(_save(fig, out / "retrieval.png", plt))

@@ -63,56 +63,105 @@ def _pack_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dclr_dist.shard",
         description="Pack a video corpus into WebDataset tar shards on local disk or S3-compatible "
-                    "object storage. Each video is re-encoded to a small H.264 mp4 sized for DCLR's "
-                    "112x112 crops, with a JSON record of its label and provenance.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, metavar="IN",
-                   help="class folders (IN/<class>/<video>, as UCF-101 and HMDB-51 ship) or a .csv/.jsonl "
-                        "manifest with path,label[,split] (relative paths are relative to the manifest; "
-                        "extra columns are kept in the record's meta); with --dataset, its video folder")
+        "object storage. Each video is re-encoded to a small H.264 mp4 sized for DCLR's "
+        "112x112 crops, with a JSON record of its label and provenance.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="IN",
+        help="class folders (IN/<class>/<video>, as UCF-101 and HMDB-51 ship) or a .csv/.jsonl "
+        "manifest with path,label[,split] (relative paths are relative to the manifest; "
+        "extra columns are kept in the record's meta); with --dataset, its video folder",
+    )
     p.add_argument("--output", required=True, metavar="OUT", help="a local folder or s3://bucket/prefix")
-    p.add_argument("--split", help="pack only the manifest rows of this split (e.g. train); with --dataset: "
-                   "train or test (ucf101, hmdb51), train or val (kinetics, ssv2)")
+    p.add_argument(
+        "--split",
+        help="pack only the manifest rows of this split (e.g. train); with --dataset: "
+        "train or test (ucf101, hmdb51), train or val (kinetics, ssv2)",
+    )
     g = p.add_argument_group("public datasets in their official layout (examples below)")
-    g.add_argument("--dataset", choices=_DATASETS,
-                   help="read IN and --annotations as this dataset ships, with its split files and class numbering")
-    g.add_argument("--annotations", action="append", metavar="PATH",
-                   help="ucf101: the ucfTrainTestlist/ folder; hmdb51: the testTrainMulti_7030_splits/ folder "
-                        "(both default to that folder inside or next to IN); kinetics: the annotation CSVs or "
-                        "their folder (repeatable); ssv2: the folder with labels.json")
+    g.add_argument(
+        "--dataset",
+        choices=_DATASETS,
+        help="read IN and --annotations as this dataset ships, with its split files and class numbering",
+    )
+    g.add_argument(
+        "--annotations",
+        action="append",
+        metavar="PATH",
+        help="ucf101: the ucfTrainTestlist/ folder; hmdb51: the testTrainMulti_7030_splits/ folder "
+        "(both default to that folder inside or next to IN); kinetics: the annotation CSVs or "
+        "their folder (repeatable); ssv2: the folder with labels.json",
+    )
     g.add_argument("--fold", type=int, metavar="N", help="ucf101, hmdb51: official split 1, 2 or 3 (default 1)")
-    p.add_argument("--config", metavar="FILE.yaml", help="read encoding settings from the shard: section "
-                   "of a dclr-dist config; the flags below override it")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="read encoding settings from the shard: section of a dclr-dist config; the flags below override it",
+    )
     g = p.add_argument_group("encoding (defaults fit 16x112x112 clips)")
-    g.add_argument("--short-side", type=int, help=f"resize so the shorter side is this many pixels (default {d.short_side})")
+    g.add_argument(
+        "--short-side", type=int, help=f"resize so the shorter side is this many pixels (default {d.short_side})"
+    )
     g.add_argument("--fps", type=float, help="lower the frame rate to at most this (default: keep the source's)")
     g.add_argument("--crf", type=int, help=f"x264 quality, 0-51, lower is better and bigger (default {d.crf})")
-    g.add_argument("--gop", type=int, help=f"keyframe interval in frames; a clip read decodes at most this many "
-                   f"frames it does not use (default {d.gop})")
+    g.add_argument(
+        "--gop",
+        type=int,
+        help=f"keyframe interval in frames; a clip read decodes at most this many "
+        f"frames it does not use (default {d.gop})",
+    )
     g.add_argument("--preset", help=f"x264 speed preset (default {d.preset})")
-    g.add_argument("--tune", help="x264 tune; fastdecode makes every training read cheaper for a few %% more "
-                   "bytes (default: none)")
+    g.add_argument(
+        "--tune", help="x264 tune; fastdecode makes every training read cheaper for a few %% more bytes (default: none)"
+    )
     g.add_argument("--max-seconds", type=float, help=f"cut sources after this many seconds (default {d.max_seconds:g})")
     g = p.add_argument_group("shards")
     g.add_argument("--max-samples", type=int, help=f"samples per shard at most (default {d.max_samples})")
-    g.add_argument("--max-bytes", type=_bytes, help=f"video bytes per shard at most, e.g. 512MB "
-                   f"(default {d.max_bytes // 2**20}MiB; one larger video gets a shard of its own)")
+    g.add_argument(
+        "--max-bytes",
+        type=_bytes,
+        help=f"video bytes per shard at most, e.g. 512MB "
+        f"(default {d.max_bytes // 2**20}MiB; one larger video gets a shard of its own)",
+    )
     g.add_argument("--prefix", help=f"shard name prefix (default {d.prefix})")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="local transcoding processes (default: all cores)")
-    g.add_argument("--ray", action="store_true",
-                   help="transcode on a Ray cluster instead (RAY_ADDRESS, or a local one); inputs must be "
-                        "readable from every node (shared file system or s3:// manifest rows)")
-    g.add_argument("--input-timeout", type=float, metavar="SECONDS",
-                   help=f"reject an input not transcoded after this long (default {d.input_timeout:g})")
+    g.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="local transcoding processes (default: all cores)"
+    )
+    g.add_argument(
+        "--ray",
+        action="store_true",
+        help="transcode on a Ray cluster instead (RAY_ADDRESS, or a local one); inputs must be "
+        "readable from every node (shared file system or s3:// manifest rows)",
+    )
+    g.add_argument(
+        "--input-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"reject an input not transcoded after this long (default {d.input_timeout:g})",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace an existing packing in OUT")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
     return p
 
 
-_FLAGS = ("short_side", "fps", "crf", "gop", "preset", "tune", "max_seconds", "max_samples", "max_bytes", "prefix",
-          "input_timeout")
+_FLAGS = (
+    "short_side",
+    "fps",
+    "crf",
+    "gop",
+    "preset",
+    "tune",
+    "max_seconds",
+    "max_samples",
+    "max_bytes",
+    "prefix",
+    "input_timeout",
+)
 
 
 def _pack(argv: list[str]) -> int:
@@ -137,8 +186,16 @@ def _pack(argv: list[str]) -> int:
         if args.dataset is not None:
             source = datasets.spec(args.dataset, args.input, annotations=args.annotations or (), fold=args.fold)
             split = datasets.canonical_split(args.dataset, args.split)
-        result = pack(source, args.output, cfg, split=split, workers=args.workers,
-                      use_ray=args.ray, overwrite=args.overwrite, progress=not args.no_progress)
+        result = pack(
+            source,
+            args.output,
+            cfg,
+            split=split,
+            workers=args.workers,
+            use_ray=args.ray,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     except (PackError, OSError) as e:  # StorageError is an OSError; each message names the thing and the fix
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -149,12 +206,17 @@ def _pack(argv: list[str]) -> int:
     if index["samples"] == 0:
         # Exit 0 would let a script go on to train on an empty corpus.
         reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
-        print(f"error: nothing packed: all {index['inputs']} inputs were rejected ({reasons}); "
-              f"see {storage.join(args.output, 'rejects.jsonl')}", file=sys.stderr)
+        print(
+            f"error: nothing packed: all {index['inputs']} inputs were rejected ({reasons}); "
+            f"see {storage.join(args.output, 'rejects.jsonl')}",
+            file=sys.stderr,
+        )
         return 1
     mb = index["bytes"] / 1e6
-    line = (f"packed {index['samples']} of {index['inputs']} inputs into {len(index['shards'])} shards "
-            f"({mb:.1f} MB, {len(index['classes'])} classes) at {args.output}")
+    line = (
+        f"packed {index['samples']} of {index['inputs']} inputs into {len(index['shards'])} shards "
+        f"({mb:.1f} MB, {len(index['classes'])} classes) at {args.output}"
+    )
     if result.already_complete:
         line += " (already complete: nothing to do)"
     elif result.resumed_shards:
@@ -175,42 +237,99 @@ def _synth_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dclr_dist.shard synth",
         description="Write the synthetic scene-bias corpus: class folders of mp4s where the class is the "
-                    "motion of a foreground object and the background scene is drawn independently of "
-                    "the class, from train and test scene pools that do not overlap. Pack it with "
-                    "`python -m dclr_dist.shard --input OUT/manifest.csv --split train ...`.")
-    p.add_argument("--output", required=True, metavar="DIR",
-                   help="folder to write: DIR/train/<motion>/*.mp4, DIR/test/<motion>/*.mp4 and "
-                        "DIR/manifest.csv (path,label,split,scene); re-running completes an "
-                        "interrupted corpus")
-    p.add_argument("--classes", type=int, default=d["num_classes"], metavar="N",
-                   help=f"number of motion classes, the first N of: {', '.join(MOTIONS)} "
-                        f"(default {d['num_classes']})")
-    p.add_argument("--train-per-class", type=int, default=d["train_per_class"], metavar="N",
-                   help=f"training videos per class (default {d['train_per_class']})")
-    p.add_argument("--test-per-class", type=int, default=d["test_per_class"], metavar="N",
-                   help=f"test videos per class (default {d['test_per_class']})")
-    p.add_argument("--train-scenes", type=int, default=d["train_scenes"], metavar="N",
-                   help=f"size of the pool of background scenes for training videos, ids 0..N-1 "
-                        f"(default {d['train_scenes']})")
-    p.add_argument("--test-scenes", type=int, default=d["test_scenes"], metavar="N",
-                   help=f"size of the pool for test videos, the ids after the training pool, so "
-                        f"no test video shows a training scene (default {d['test_scenes']})")
-    p.add_argument("--val-per-class", type=int, default=d["val_per_class"], metavar="N",
-                   help="validation videos per class, in scenes of their own (default: none)")
-    p.add_argument("--val-scenes", type=int, default=d["val_scenes"], metavar="N",
-                   help="size of the pool for validation videos, after the test pool (default: none)")
-    p.add_argument("--frames", type=int, default=d["frames"],
-                   help=f"frames per video, at least {MIN_FRAMES}; 32 hold one 16-frame clip at "
-                        f"stride 2 (default {d['frames']})")
-    p.add_argument("--size", type=int, default=d["size"], metavar="PIXELS",
-                   help=f"frame width and height, even (default {d['size']})")
-    p.add_argument("--fps", type=int, default=d["fps"],
-                   help=f"frame rate written in the files; motion is defined per frame "
-                        f"(default {d['fps']})")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help=f"the same seed and options write byte-identical files (default {d['seed']})")
-    p.add_argument("--workers", type=int, default=d["workers"],
-                   help=f"processes rendering and encoding in parallel (default {d['workers']})")
+        "motion of a foreground object and the background scene is drawn independently of "
+        "the class, from train and test scene pools that do not overlap. Pack it with "
+        "`python -m dclr_dist.shard --input OUT/manifest.csv --split train ...`.",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder to write: DIR/train/<motion>/*.mp4, DIR/test/<motion>/*.mp4 and "
+        "DIR/manifest.csv (path,label,split,scene); re-running completes an "
+        "interrupted corpus",
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=d["num_classes"],
+        metavar="N",
+        help=f"number of motion classes, the first N of: {', '.join(MOTIONS)} (default {d['num_classes']})",
+    )
+    p.add_argument(
+        "--train-per-class",
+        type=int,
+        default=d["train_per_class"],
+        metavar="N",
+        help=f"training videos per class (default {d['train_per_class']})",
+    )
+    p.add_argument(
+        "--test-per-class",
+        type=int,
+        default=d["test_per_class"],
+        metavar="N",
+        help=f"test videos per class (default {d['test_per_class']})",
+    )
+    p.add_argument(
+        "--train-scenes",
+        type=int,
+        default=d["train_scenes"],
+        metavar="N",
+        help=f"size of the pool of background scenes for training videos, ids 0..N-1 (default {d['train_scenes']})",
+    )
+    p.add_argument(
+        "--test-scenes",
+        type=int,
+        default=d["test_scenes"],
+        metavar="N",
+        help=f"size of the pool for test videos, the ids after the training pool, so "
+        f"no test video shows a training scene (default {d['test_scenes']})",
+    )
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=d["val_per_class"],
+        metavar="N",
+        help="validation videos per class, in scenes of their own (default: none)",
+    )
+    p.add_argument(
+        "--val-scenes",
+        type=int,
+        default=d["val_scenes"],
+        metavar="N",
+        help="size of the pool for validation videos, after the test pool (default: none)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=d["frames"],
+        help=f"frames per video, at least {MIN_FRAMES}; 32 hold one 16-frame clip at stride 2 (default {d['frames']})",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=d["size"],
+        metavar="PIXELS",
+        help=f"frame width and height, even (default {d['size']})",
+    )
+    p.add_argument(
+        "--fps",
+        type=int,
+        default=d["fps"],
+        help=f"frame rate written in the files; motion is defined per frame (default {d['fps']})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help=f"the same seed and options write byte-identical files (default {d['seed']})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d["workers"],
+        help=f"processes rendering and encoding in parallel (default {d['workers']})",
+    )
     return p
 
 
@@ -220,16 +339,28 @@ def _synth(argv: list[str]) -> int:
     args = _synth_parser().parse_args(argv)
     try:
         manifest = write_corpus(
-            args.output, num_classes=args.classes, train_per_class=args.train_per_class,
-            test_per_class=args.test_per_class, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
-            val_per_class=args.val_per_class, val_scenes=args.val_scenes, frames=args.frames, size=args.size,
-            fps=args.fps, seed=args.seed, workers=args.workers)
+            args.output,
+            num_classes=args.classes,
+            train_per_class=args.train_per_class,
+            test_per_class=args.test_per_class,
+            train_scenes=args.train_scenes,
+            test_scenes=args.test_scenes,
+            val_per_class=args.val_per_class,
+            val_scenes=args.val_scenes,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            seed=args.seed,
+            workers=args.workers,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"synthetic corpus: {args.classes * args.train_per_class} train + "
-          f"{args.classes * args.test_per_class} test videos, {args.classes} motion classes, "
-          f"{args.train_scenes} train + {args.test_scenes} test scenes; manifest {manifest}")
+    print(
+        f"synthetic corpus: {args.classes * args.train_per_class} train + "
+        f"{args.classes * args.test_per_class} test videos, {args.classes} motion classes, "
+        f"{args.train_scenes} train + {args.test_scenes} test scenes; manifest {manifest}"
+    )
     return 0
 
 

@@ -42,8 +42,10 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
         _mark_duplicates(inputs)
         return inputs, classes
     if storage.is_s3(input_url):
-        raise PackError(f"{input_url}: an S3 input must be a manifest file (.csv or .jsonl) "
-                        "whose rows point at the videos; class folders are read from local disk")
+        raise PackError(
+            f"{input_url}: an S3 input must be a manifest file (.csv or .jsonl) "
+            "whose rows point at the videos; class folders are read from local disk"
+        )
     path = storage.local_path(input_url)
     if path.is_dir():
         inputs, classes = _list_folder(path)
@@ -58,8 +60,10 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
     if split is not None:
         if not any(i.split == split for i in inputs):
             found = sorted({i.split for i in inputs if i.split})
-            raise PackError(f"{input_url}: no inputs with split '{split}' "
-                            + (f"(splits found: {', '.join(found)})" if found else "(it names no splits)"))
+            raise PackError(
+                f"{input_url}: no inputs with split '{split}' "
+                + (f"(splits found: {', '.join(found)})" if found else "(it names no splits)")
+            )
         # A row whose split is unknown may belong to this one: a reject here, not silently left out.
         inputs = [i for i in inputs if i.split == split or i.split is None]
         for i in inputs:
@@ -98,25 +102,52 @@ def _list_folder(root: Path) -> tuple[list[Input], list[str]]:
                 is_dir = False  # a link that cannot be followed: the transcoder says why
             if entry.name.startswith("."):
                 what = "folder, not read" if is_dir else "file"
-                inputs.append(Input(sub, entry.path, label, problem=f"hidden: a hidden {what} (.DS_Store, .git, "
-                                    "._ files: names starting with '.' are not packed)"))
+                inputs.append(
+                    Input(
+                        sub,
+                        entry.path,
+                        label,
+                        problem=f"hidden: a hidden {what} (.DS_Store, .git, "
+                        "._ files: names starting with '.' are not packed)",
+                    )
+                )
             elif is_dir:
                 real = os.path.realpath(entry.path)
                 if real in ancestors:
-                    inputs.append(Input(sub, entry.path, label, problem="symlink loop: a link back to a folder "
-                                        "that contains it; not followed"))
+                    inputs.append(
+                        Input(
+                            sub,
+                            entry.path,
+                            label,
+                            problem="symlink loop: a link back to a folder that contains it; not followed",
+                        )
+                    )
                 else:
                     if not rel:
                         classes.append(name)
                     walk(entry.path, sub, label or name, (*ancestors, real))
             elif entry.is_symlink() and not os.path.exists(entry.path):
-                inputs.append(Input(sub, entry.path, label, problem="file not found: a broken symbolic link "
-                                    f"(to {_printable(os.readlink(entry.path))})"))
+                inputs.append(
+                    Input(
+                        sub,
+                        entry.path,
+                        label,
+                        problem=f"file not found: a broken symbolic link (to {_printable(os.readlink(entry.path))})",
+                    )
+                )
             else:
                 # The file a link names: a video linked into the tree twice is one sample and one duplicate.
                 real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(ancestors[-1], entry.name)
-                inputs.append(Input(sub, real, label, problem=None if rel else "not inside a class folder "
-                                    "(expected IN/<class>/<video>); move it into its class folder"))
+                inputs.append(
+                    Input(
+                        sub,
+                        real,
+                        label,
+                        problem=None
+                        if rel
+                        else "not inside a class folder (expected IN/<class>/<video>); move it into its class folder",
+                    )
+                )
 
     walk(str(root), "", "", (os.path.realpath(root),))
     if not inputs:
@@ -144,8 +175,10 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise PackError(f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save the manifest as "
-                        "UTF-8 (Excel: 'CSV UTF-8') or convert it, e.g. iconv -f cp1252 -t utf-8") from None
+        raise PackError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save the manifest as "
+            "UTF-8 (Excel: 'CSV UTF-8') or convert it, e.g. iconv -f cp1252 -t utf-8"
+        ) from None
 
 
 def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str | None]]:
@@ -159,12 +192,16 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str 
             break
     else:
         first = next((line.strip() for line in text.split("\n") if line.strip()), "")
-        raise PackError(f"{path}: the header must name the columns path,label[,split]; missing "
-                        f"{', '.join(sorted({'path', 'label'} - set(columns)))} (first line: {first[:80]!r})")
+        raise PackError(
+            f"{path}: the header must name the columns path,label[,split]; missing "
+            f"{', '.join(sorted({'path', 'label'} - set(columns)))} (first line: {first[:80]!r})"
+        )
     for n, name in enumerate(columns):
         if name and columns.index(name) != n:
-            raise PackError(f"{path}: the header names the column '{name}' twice (columns {columns.index(name) + 1} "
-                            f"and {n + 1}); rename one")
+            raise PackError(
+                f"{path}: the header names the column '{name}' twice (columns {columns.index(name) + 1} "
+                f"and {n + 1}); rename one"
+            )
     end = reader.line_num
     try:
         for fields in reader:
@@ -172,16 +209,22 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str 
             if not any(f.strip() for f in fields):
                 continue  # blank lines, and the empty rows spreadsheets write
             if end > n:
-                raise PackError(f"{path}: line {n}: a quoted value runs on to line {end}, taking the rows between "
-                                "with it; check the quotes on that line")
+                raise PackError(
+                    f"{path}: line {n}: a quoted value runs on to line {end}, taking the rows between "
+                    "with it; check the quotes on that line"
+                )
             where = f"{path.name} line {n}"
             problem = None
-            if any(f.strip() for f in fields[len(columns):]):
-                problem = (f"bad row: {where} has {len(fields)} fields where the header has {len(columns)} (a "
-                           f"'{delimiter}' inside a value? quote the value)")
+            if any(f.strip() for f in fields[len(columns) :]):
+                problem = (
+                    f"bad row: {where} has {len(fields)} fields where the header has {len(columns)} (a "
+                    f"'{delimiter}' inside a value? quote the value)"
+                )
             elif any(f.strip() for name, f in zip(columns, fields) if not name):
-                problem = (f"bad row: {where} has a value in a column the header does not name (a "
-                           f"'{delimiter}' inside a value? quote the value)")
+                problem = (
+                    f"bad row: {where} has a value in a column the header does not name (a "
+                    f"'{delimiter}' inside a value? quote the value)"
+                )
             yield n, {name: f for name, f in zip(columns, fields) if name}, problem
     except csv.Error as e:
         raise PackError(f"{path}: line {end + 1}: {e}; check the quotes on that line") from None
@@ -203,8 +246,11 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], st
             continue
         columns = [_column(k) for k in row]
         twice = sorted({c for c in columns if columns.count(c) > 1})
-        yield n, dict(zip(columns, row.values())), (
-            f"bad row: {where} names {', '.join(twice)} twice (ignoring case and spaces)" if twice else None)
+        yield (
+            n,
+            dict(zip(columns, row.values())),
+            (f"bad row: {where} names {', '.join(twice)} twice (ignoring case and spaces)" if twice else None),
+        )
 
 
 def _text(value: Any) -> str | None:
@@ -235,8 +281,11 @@ def _list_manifest(path: Path) -> list[Input]:
             problem = f"empty path: {where}"
         elif not bad and not label:
             problem = f"empty label: {where}"
-        meta = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in row.items()
-                if k not in _KNOWN_COLUMNS and v is not None}
+        meta = {
+            k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            for k, v in row.items()
+            if k not in _KNOWN_COLUMNS and v is not None
+        }
         src = src or f"<{where}>"
         url = src if storage.is_s3(src) or os.path.isabs(src) else str(base / src)
         inputs.append(Input(src, url, label or "", None if bad else split or None, meta, problem, where))
@@ -259,7 +308,7 @@ def _mark_duplicates(inputs: list[Input]) -> None:
 
 def _sorted_classes(labels: set[str]) -> list[str]:
     # Integer labels ("1", "2", "10") sort as numbers, so label index follows the user's numbering.
-    if labels and all(l.isdigit() for l in labels):
+    if labels and all(label.isdigit() for label in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 

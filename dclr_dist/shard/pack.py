@@ -114,8 +114,17 @@ class PackResult:
     redone: str | None = None  # the kept shard found damaged, from which the rest was redone, and why
 
 
-def pack(input_url: str, output: str, cfg: ShardConfig, *, split: str | None = None, workers: int = 1,
-         use_ray: bool = False, overwrite: bool = False, progress: bool = True) -> PackResult:
+def pack(
+    input_url: str,
+    output: str,
+    cfg: ShardConfig,
+    *,
+    split: str | None = None,
+    workers: int = 1,
+    use_ray: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PackResult:
     """Pack ``input_url`` into shards under ``output``; see the module docstring."""
     inputs, classes = list_inputs(input_url, split)
     if cfg.shuffle:
@@ -134,12 +143,13 @@ def pack(input_url: str, output: str, cfg: ShardConfig, *, split: str | None = N
         if existing.get("fingerprint") == fingerprint:
             _verify_finished(output, existing, inputs)
             return PackResult(existing, resumed_shards=len(existing["shards"]), already_complete=True)
-        raise PackError(f"{output} already holds a packing of other inputs or options (index.json). "
-                        "Choose another --output, or pass --overwrite to replace it.")
+        raise PackError(
+            f"{output} already holds a packing of other inputs or options (index.json). "
+            "Choose another --output, or pass --overwrite to replace it."
+        )
     tmp_dir = tempfile.gettempdir() if storage.is_s3(output) else str(storage.local_path(output))
     try:
-        return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, workers, use_ray,
-                    progress)
+        return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, workers, use_ray, progress)
     except OSError as e:
         if isinstance(e, storage.StorageError) or e.errno is None:
             raise
@@ -147,8 +157,10 @@ def pack(input_url: str, output: str, cfg: ShardConfig, *, split: str | None = N
         hint = "free some space" if e.errno == errno.ENOSPC else "fix that"
         if e.errno == errno.ENOSPC and storage.is_s3(output):
             hint = "free some space there or set TMPDIR to a disk with room (shards are assembled there)"
-        raise PackError(f"{e.filename or tmp_dir}: {e.strerror} while writing the shards; {hint}, then re-run the "
-                        "same command: the shards finished so far are kept") from None
+        raise PackError(
+            f"{e.filename or tmp_dir}: {e.strerror} while writing the shards; {hint}, then re-run the "
+            "same command: the shards finished so far are kept"
+        ) from None
 
 
 def _check_output(input_url: str, output: str) -> None:
@@ -161,8 +173,10 @@ def _check_output(input_url: str, output: str) -> None:
     if not storage.is_s3(input_url) and source.is_dir():
         inside = os.path.realpath(out) + os.sep
         if inside.startswith(os.path.realpath(source) + os.sep):
-            raise PackError(f"{output}: inside the input folder {input_url}, so the next run would read its shards "
-                            "as videos; choose an --output outside it")
+            raise PackError(
+                f"{output}: inside the input folder {input_url}, so the next run would read its shards "
+                "as videos; choose an --output outside it"
+            )
 
 
 def _read_json(url: str) -> dict:
@@ -187,18 +201,34 @@ def _verify_finished(output: str, index: dict, inputs: list[Input]) -> None:
             size = path.stat().st_size if path.is_file() else None
         if size != shard["bytes"]:
             found = "is missing" if size is None else f"has {size} bytes"
-            raise PackError(f"{url} {found} where index.json says {shard['bytes']}: the packing was damaged after "
-                            "it finished; pass --overwrite to pack again")
+            raise PackError(
+                f"{url} {found} where index.json says {shard['bytes']}: the packing was damaged after "
+                "it finished; pass --overwrite to pack again"
+            )
     if index.get("inputs_digest") != _digest(_identities(inputs)):
-        raise PackError(f"{output} was packed from other contents of these inputs (a file's size or modification "
-                        "time has changed since); pass --overwrite to pack the current files")
+        raise PackError(
+            f"{output} was packed from other contents of these inputs (a file's size or modification "
+            "time has changed since); pass --overwrite to pack the current files"
+        )
 
 
-def _run(input_url: str, output: str, cfg: ShardConfig, split: str | None, classes: list[str], inputs: list[Input],
-         fingerprint: str, tmp_dir: str, workers: int, use_ray: bool, progress: bool) -> PackResult:
+def _run(
+    input_url: str,
+    output: str,
+    cfg: ShardConfig,
+    split: str | None,
+    classes: list[str],
+    inputs: list[Input],
+    fingerprint: str,
+    tmp_dir: str,
+    workers: int,
+    use_ray: bool,
+    progress: bool,
+) -> PackResult:
     states, redone = _load_states(output, cfg.prefix, fingerprint, inputs)
-    storage.write_bytes(storage.join(output, f"{STATE_DIR}/run.json"),
-                        json.dumps({"fingerprint": fingerprint}).encode())
+    storage.write_bytes(
+        storage.join(output, f"{STATE_DIR}/run.json"), json.dumps({"fingerprint": fingerprint}).encode()
+    )
     resumed = len(states)
     if not storage.is_s3(output):
         # Shards are assembled next to their final name so publishing is a rename; a killed
@@ -245,16 +275,26 @@ def _run(input_url: str, output: str, cfg: ShardConfig, split: str | None, class
             writer.discard()
         pool.close()
         bar.close()
-    index = _finish(output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids,
-                    len(inputs))
+    index = _finish(
+        output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids, len(inputs)
+    )
     index["elapsed_s"] = round(time.monotonic() - start, 3)
     return PackResult(index, resumed_shards=resumed, redone=redone)
 
 
 def _record(inp: Input, enc: Encoded, label_index: dict[str, int], key: str) -> dict:
-    record = {"key": key, "label": label_index[inp.label], "class": inp.label, "source": inp.source,
-              "sha256": enc.sha256, "fps": enc.fps, "frames": enc.frames, "width": enc.width,
-              "height": enc.height, "duration": round(enc.duration, 6)}
+    record = {
+        "key": key,
+        "label": label_index[inp.label],
+        "class": inp.label,
+        "source": inp.source,
+        "sha256": enc.sha256,
+        "fps": enc.fps,
+        "frames": enc.frames,
+        "width": enc.width,
+        "height": enc.height,
+        "duration": round(enc.duration, 6),
+    }
     if inp.split is not None:
         record["split"] = inp.split
     if inp.meta:
@@ -264,11 +304,24 @@ def _record(inp: Input, enc: Encoded, label_index: dict[str, int], key: str) -> 
     return record
 
 
-def _close(writer: _ShardWriter, output: str, fingerprint: str, first: int, next_input: int,
-           rejects: list[dict], identities: list) -> dict:
+def _close(
+    writer: _ShardWriter,
+    output: str,
+    fingerprint: str,
+    first: int,
+    next_input: int,
+    rejects: list[dict],
+    identities: list,
+) -> dict:
     shard = writer.publish()
-    state = {**shard, "first_input": first, "next_input": next_input, "rejects": rejects, "inputs": identities,
-             "fingerprint": fingerprint}
+    state = {
+        **shard,
+        "first_input": first,
+        "next_input": next_input,
+        "rejects": rejects,
+        "inputs": identities,
+        "fingerprint": fingerprint,
+    }
     storage.write_bytes(storage.join(output, f"{STATE_DIR}/{writer.name}.json"), json.dumps(state).encode())
     return state
 
@@ -280,9 +333,11 @@ def _load_states(output: str, prefix: str, fingerprint: str, inputs: list[Input]
     if not storage.exists(run_url):
         return [], None
     if _read_json(run_url).get("fingerprint") != fingerprint:
-        raise PackError(f"{output} holds an interrupted packing of other inputs or options "
-                        f"({STATE_DIR}/). Re-run with the original inputs and options to resume it, "
-                        "choose another --output, or pass --overwrite to start again.")
+        raise PackError(
+            f"{output} holds an interrupted packing of other inputs or options "
+            f"({STATE_DIR}/). Re-run with the original inputs and options to resume it, "
+            "choose another --output, or pass --overwrite to start again."
+        )
     names = set(storage.list_names(output))
     state_names = set(storage.list_names(storage.join(output, STATE_DIR)))
     states: list[dict] = []
@@ -299,7 +354,8 @@ def _load_states(output: str, prefix: str, fingerprint: str, inputs: list[Input]
             redone = f"{name}: its state file is damaged"
             break
         if state.get("fingerprint") != fingerprint or state.get("first_input") != (
-                states[-1]["next_input"] if states else 0):
+            states[-1]["next_input"] if states else 0
+        ):
             break
         problem = _shard_problem(output, state)
         if problem is not None:
@@ -308,11 +364,13 @@ def _load_states(output: str, prefix: str, fingerprint: str, inputs: list[Input]
         # Refused rather than repacked from here: an input that changes under a packing is
         # usually a corpus still being copied or downloaded, and since inputs are shuffled,
         # redoing from the first affected shard would redo about half the work anyway.
-        for inp, before in zip(inputs[state["first_input"]:state["next_input"]], state["inputs"]):
+        for inp, before in zip(inputs[state["first_input"] : state["next_input"]], state["inputs"]):
             now = None if inp.problem else input_identity(inp.url)
             if now != before:
-                raise PackError(f"{inp.source} changed since the interrupted run packed it into {name} "
-                                f"({_change(before, now)}); pass --overwrite to pack the current files")
+                raise PackError(
+                    f"{inp.source} changed since the interrupted run packed it into {name} "
+                    f"({_change(before, now)}); pass --overwrite to pack the current files"
+                )
         states.append(state)
     # Those past the kept ones describe shards that will be written again: a later resume
     # must not take them for the new ones.
@@ -324,23 +382,46 @@ def _load_states(output: str, prefix: str, fingerprint: str, inputs: list[Input]
     return states, redone
 
 
-def _finish(output: str, input_url: str, split: str | None, cfg: ShardConfig, classes: list[str],
-            fingerprint: str, states: list[dict], tail_rejects: list[dict], tail_ids: list, num_inputs: int) -> dict:
+def _finish(
+    output: str,
+    input_url: str,
+    split: str | None,
+    cfg: ShardConfig,
+    classes: list[str],
+    fingerprint: str,
+    states: list[dict],
+    tail_rejects: list[dict],
+    tail_ids: list,
+    num_inputs: int,
+) -> dict:
     rejects = [r for s in states for r in s["rejects"]] + tail_rejects
-    storage.write_bytes(storage.join(output, "rejects.jsonl"),
-                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+    storage.write_bytes(
+        storage.join(output, "rejects.jsonl"),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
+    )
     shards = [{k: s[k] for k in ("name", "samples", "bytes", "sha256")} for s in states]
     samples = sum(s["samples"] for s in shards)
     identities = [i for s in states for i in s["inputs"]] + tail_ids
     if samples + len(rejects) != num_inputs or len(identities) != num_inputs:
-        raise PackError(f"internal error: {samples} packed + {len(rejects)} rejected != {num_inputs} inputs; "
-                        f"the shards in {output} are not trustworthy, re-run with --overwrite")
+        raise PackError(
+            f"internal error: {samples} packed + {len(rejects)} rejected != {num_inputs} inputs; "
+            f"the shards in {output} are not trustworthy, re-run with --overwrite"
+        )
     index = {
-        "format": "dclr-dist-shards", "version": FORMAT_VERSION, "tool": f"dclr-dist {__version__}",
-        "source": input_url, "split": split, "inputs": num_inputs, "samples": samples,
-        "rejected": len(rejects), "bytes": sum(s["bytes"] for s in shards), "classes": classes,
+        "format": "dclr-dist-shards",
+        "version": FORMAT_VERSION,
+        "tool": f"dclr-dist {__version__}",
+        "source": input_url,
+        "split": split,
+        "inputs": num_inputs,
+        "samples": samples,
+        "rejected": len(rejects),
+        "bytes": sum(s["bytes"] for s in shards),
+        "classes": classes,
         "reject_reasons": dict(Counter(_reason_kind(r["reason"]) for r in rejects).most_common()),
-        "encoding": _encoding(cfg), "shards": shards, "fingerprint": fingerprint,
+        "encoding": _encoding(cfg),
+        "shards": shards,
+        "fingerprint": fingerprint,
         # What a re-run compares, to notice inputs changed since: [size, mtime_ns] of each.
         "inputs_digest": _digest(identities),
     }
@@ -374,5 +455,4 @@ def _clear(output: str, prefix: str) -> None:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="video", disable=not enabled, dynamic_ncols=True,
-                desc="packing")
+    return tqdm(total=total, initial=initial, unit="video", disable=not enabled, dynamic_ncols=True, desc="packing")

@@ -42,21 +42,20 @@ from tqdm import tqdm
 
 from dclr_dist.shard.transcode import MP4_BITEXACT, deterministic_x264
 
-MOTIONS = ("move_right", "move_left", "move_up", "move_down",
-           "orbit_cw", "orbit_ccw", "zoom_in", "zoom_out")
+MOTIONS = ("move_right", "move_left", "move_up", "move_down", "orbit_cw", "orbit_ccw", "zoom_in", "zoom_out")
 SPLITS = ("train", "test", "val")  # val last: adding it changes no train or test video
 SHAPES = ("disc", "square", "diamond", "triangle", "ring", "cross")
 
 # Geometry in fractions of the frame side, rates per frame. At the lowest speed a 16-frame
 # clip at stride 1 moves the object by 15% of the frame; at the top speeds a 48-frame
 # translation or zoom (the default length) still fits in the frame without wrapping.
-RADIUS = (0.07, 0.12)          # object radius, except while zooming
-SPEED = (0.010, 0.015)         # centre speed of translations and orbits
-ORBIT_RADIUS = (0.12, 0.20)    # orbits sweep 43-107 degrees per 16 frames at SPEED
-ZOOM_RADIUS = (0.04, 0.27)     # the range a zoom's radius moves through
-ZOOM_RATE = (0.02, 0.04)       # d(log radius)/dt: x1.35-1.8 per 16 frames
-MARGIN = 0.02                  # keep the object's edge this far inside the frame
-MIN_FRAMES = 16                # DCLR's clip length
+RADIUS = (0.07, 0.12)  # object radius, except while zooming
+SPEED = (0.010, 0.015)  # centre speed of translations and orbits
+ORBIT_RADIUS = (0.12, 0.20)  # orbits sweep 43-107 degrees per 16 frames at SPEED
+ZOOM_RADIUS = (0.04, 0.27)  # the range a zoom's radius moves through
+ZOOM_RATE = (0.02, 0.04)  # d(log radius)/dt: x1.35-1.8 per 16 frames
+MARGIN = 0.02  # keep the object's edge this far inside the frame
+MIN_FRAMES = 16  # DCLR's clip length
 MIN_SIZE = 32
 
 # Encoding: these videos are a *source* that the packer re-encodes, so spend bits on
@@ -75,7 +74,7 @@ _RECORD = "synth.json"
 class _Video:
     split: str
     label: str
-    index: int   # within (split, label)
+    index: int  # within (split, label)
     scene: int
 
     @property
@@ -87,10 +86,23 @@ class _Video:
         return [seed, _OBJECT_STREAM, SPLITS.index(self.split), MOTIONS.index(self.label), self.index]
 
 
-def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_class: int = 8,
-                 test_per_class: int = 4, train_scenes: int = 8, test_scenes: int = 4, val_per_class: int = 0,
-                 val_scenes: int = 0, frames: int = 48, size: int = 128, fps: int = 25, seed: int = 0,
-                 workers: int = 1, progress: bool = True) -> Path:
+def write_corpus(
+    out_dir: str | os.PathLike,
+    *,
+    num_classes: int = 6,
+    train_per_class: int = 8,
+    test_per_class: int = 4,
+    train_scenes: int = 8,
+    test_scenes: int = 4,
+    val_per_class: int = 0,
+    val_scenes: int = 0,
+    frames: int = 48,
+    size: int = 128,
+    fps: int = 25,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Write ``out_dir/{train,test[,val]}/<motion>/*.mp4`` and ``out_dir/manifest.csv``; return the manifest's path.
 
     The classes are the first ``num_classes`` of ``MOTIONS``; each video shows one scene
@@ -105,10 +117,14 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
     written with other arguments is refused rather than silently mixed: the arguments are
     recorded in ``synth.json``.
     """
-    _check_int("num_classes", num_classes, 1, len(MOTIONS),
-               f" (the number of defined motions: {', '.join(MOTIONS)})")
-    for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class),
-                        ("train_scenes", train_scenes), ("test_scenes", test_scenes), ("workers", workers)):
+    _check_int("num_classes", num_classes, 1, len(MOTIONS), f" (the number of defined motions: {', '.join(MOTIONS)})")
+    for name, value in (
+        ("train_per_class", train_per_class),
+        ("test_per_class", test_per_class),
+        ("train_scenes", train_scenes),
+        ("test_scenes", test_scenes),
+        ("workers", workers),
+    ):
         _check_int(name, value, 1)
     _check_int("val_per_class", val_per_class, 0)
     _check_int("val_scenes", val_scenes, 1 if val_per_class else 0, note=" (val_per_class > 0 needs val scenes)")
@@ -120,15 +136,26 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
     _check_int("seed", seed, 0)
 
     out = Path(out_dir)
-    params = dict(num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
-                  train_scenes=train_scenes, test_scenes=test_scenes, frames=frames, size=size, fps=fps,
-                  seed=seed)
+    params = dict(
+        num_classes=num_classes,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        train_scenes=train_scenes,
+        test_scenes=test_scenes,
+        frames=frames,
+        size=size,
+        fps=fps,
+        seed=seed,
+    )
     if val_per_class:  # recorded only when used, so corpora written before val existed stay valid
         params.update(val_per_class=val_per_class, val_scenes=val_scenes)
     _claim(out, params)
 
-    pools = {"train": range(train_scenes), "test": range(train_scenes, train_scenes + test_scenes),
-             "val": range(train_scenes + test_scenes, train_scenes + test_scenes + val_scenes)}
+    pools = {
+        "train": range(train_scenes),
+        "test": range(train_scenes, train_scenes + test_scenes),
+        "val": range(train_scenes + test_scenes, train_scenes + test_scenes + val_scenes),
+    }
     per_class = {"train": train_per_class, "test": test_per_class, "val": val_per_class}
     videos = []
     for split in SPLITS:
@@ -145,8 +172,9 @@ def write_corpus(out_dir: str | os.PathLike, *, num_classes: int = 6, train_per_
         for split in (s for s in SPLITS if per_class[s]):
             (out / split / label).mkdir(parents=True, exist_ok=True)
     jobs = [(out / v.path, v, seed, frames, size, fps) for v in todo]
-    with tqdm(total=len(videos), initial=len(videos) - len(todo), unit="video", desc="synth",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(videos), initial=len(videos) - len(todo), unit="video", desc="synth", disable=not progress
+    ) as bar:
         if workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 _write_video(*job)
@@ -182,10 +210,15 @@ def _claim(out: Path, params: dict) -> None:
     if record.exists():
         old = json.loads(record.read_text())
         if old != params:
-            diff = ", ".join(f"{k}={old.get(k)} (now {params.get(k)})" for k in sorted(params.keys() | old.keys())
-                             if old.get(k) != params.get(k))
-            raise ValueError(f"{out} holds a synthetic corpus written with other arguments: {diff}; "
-                             f"use another output folder, or the same arguments to complete it")
+            diff = ", ".join(
+                f"{k}={old.get(k)} (now {params.get(k)})"
+                for k in sorted(params.keys() | old.keys())
+                if old.get(k) != params.get(k)
+            )
+            raise ValueError(
+                f"{out} holds a synthetic corpus written with other arguments: {diff}; "
+                f"use another output folder, or the same arguments to complete it"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(record, json.dumps(params, indent=2, sort_keys=True) + "\n")
@@ -205,6 +238,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------- drawing
 
+
 def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel centres in [0, 1]: x as (1, W), y as (H, 1)."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -217,9 +251,9 @@ def _smooth_field(rng: np.random.Generator, cells: int, size: int, channels: int
     t = np.linspace(0, cells - 1, size, dtype=np.float32)
     i = np.minimum(t.astype(int), cells - 2)
     f = (t - i)[:, None, None]
-    rows = grid[i] * (1 - f) + grid[i + 1] * f                                      # (H, cells, C)
+    rows = grid[i] * (1 - f) + grid[i + 1] * f  # (H, cells, C)
     f = f.reshape(1, size, 1)
-    return rows[:, i] * (1 - f) + rows[:, i + 1] * f                                # (H, W, C)
+    return rows[:, i] * (1 - f) + rows[:, i + 1] * f  # (H, W, C)
 
 
 def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -299,7 +333,7 @@ def _track(motion: str, rng: np.random.Generator, frames: int) -> tuple[np.ndarr
     # of them it uses, so nothing but the motion depends on the class.
     radius = rng.uniform(*RADIUS)
     speed = rng.uniform(*SPEED)
-    u, v = rng.uniform(0, 1, 2)                       # position, as a fraction of the free range
+    u, v = rng.uniform(0, 1, 2)  # position, as a fraction of the free range
     orbit_radius = rng.uniform(*ORBIT_RADIUS)
     zoom_rate = rng.uniform(*ZOOM_RATE)
     ones = np.ones(frames)
@@ -310,7 +344,7 @@ def _track(motion: str, rng: np.random.Generator, frames: int) -> tuple[np.ndarr
     kind, _, direction = motion.partition("_")
     if kind == "move":
         lo, hi = radius + MARGIN, 1 - radius - MARGIN
-        sign = 1 if direction in ("right", "down") else -1   # image y points down
+        sign = 1 if direction in ("right", "down") else -1  # image y points down
         along = _sweep(rng, sign * speed, lo, hi, frames)
         if direction in ("right", "left"):
             return along, free(radius, v) * ones, radius * ones
@@ -344,12 +378,12 @@ def _render_video(motion: str, scene: int, *, key: list[int], frames: int, size:
     cx, cy, r = (a.astype(np.float32)[:, None, None] for a in _track(motion, rng, frames))  # (T, 1, 1)
 
     x, y = _coords(size)
-    d = _sdf(shape, (x - cx) / r, (y - cy) / r) * (r * size)                              # (T, H, W) pixels
+    d = _sdf(shape, (x - cx) / r, (y - cy) / r) * (r * size)  # (T, H, W) pixels
     width = np.float32(max(1.0, size / 64))
     outer = _coverage(d)[..., None]
     inner = _coverage(d + width)[..., None]
     bg = render_scene(scene, size, seed)
-    return bg * (1 - outer) + outline * (outer - inner) + fill * inner                      # (T, H, W, 3)
+    return bg * (1 - outer) + outline * (outer - inner) + fill * inner  # (T, H, W, 3)
 
 
 def _to_yuv420p(rgb: np.ndarray) -> np.ndarray:
@@ -358,12 +392,11 @@ def _to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     y = 16 + 65.481 * r + 128.553 * g + 24.966 * b
     # Chroma of each 2x2 block, from its mean colour (the conversion is linear).
     # Explicit adds rather than .sum(), whose association order may vary with the SIMD path.
-    r, g, b = ((c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2]) * 0.25
-               for c in (r, g, b))
+    r, g, b = ((c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2]) * 0.25 for c in (r, g, b))
     T, H, W = y.shape
     cb = 128 - 37.797 * r - 74.203 * g + 112.0 * b
     cr = 128 + 112.0 * r - 93.786 * g - 18.214 * b
-    chroma = np.concatenate([cb, cr], axis=1).reshape(T, H // 2, W)   # U plane rows then V plane rows
+    chroma = np.concatenate([cb, cr], axis=1).reshape(T, H // 2, W)  # U plane rows then V plane rows
     planes = np.concatenate([y, chroma], axis=1)
     return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
 

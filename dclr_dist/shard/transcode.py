@@ -21,7 +21,6 @@ import numpy as np
 from dclr_dist import storage
 from dclr_dist.config import ShardConfig
 
-
 # The same frames make the same mp4 bytes, on any machine (shards here, the synthetic corpus
 # in synth.py): resumed packing and byte-identical corpora rely on it.
 # +bitexact keeps library versions and timestamps out of the container.
@@ -38,8 +37,11 @@ def deterministic_x264(stream, *, crf: int, preset: str, gop: int, tune: str | N
     # memory and one encode in ten to fifty differed, depending on what the process had
     # allocated before (measured: 40 of 40 identical without it); it costs a few % size.
     stream.codec_context.thread_count = 1
-    options = {"crf": str(crf), "preset": preset,
-               "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:mbtree=0"}
+    options = {
+        "crf": str(crf),
+        "preset": preset,
+        "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:threads=1:mbtree=0",
+    }
     if tune is not None:
         options["tune"] = tune
     stream.options = options
@@ -71,8 +73,10 @@ def _output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     # Every sample gets the same short side (upscaling small sources too), so the loader's
     # crops see one scale; sizes stay even because yuv420p needs it.
     scale = short_side / min(width, height)
+
     def even(x: float) -> int:
         return max(2, int(round(x / 2)) * 2)
+
     return even(width * scale), even(height * scale)
 
 
@@ -99,14 +103,18 @@ def _zero_padding(frame: av.VideoFrame) -> None:
     """
     for plane in frame.planes:
         rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
-        rows[:, plane.width:] = 0
-        rows[plane.height:] = 0
+        rows[:, plane.width :] = 0
+        rows[plane.height :] = 0
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"
@@ -233,5 +241,13 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     for packet in vout.encode(None):
         out.mux(packet)
     out.close()
-    return Encoded(mp4=buf.getvalue(), sha256=sha, fps=float(out_rate), frames=written, width=width,
-                   height=height, duration=written / float(out_rate), partial=partial)
+    return Encoded(
+        mp4=buf.getvalue(),
+        sha256=sha,
+        fps=float(out_rate),
+        frames=written,
+        width=width,
+        height=height,
+        duration=written / float(out_rate),
+        partial=partial,
+    )

@@ -38,13 +38,16 @@ def _work(source: str, cfg: ShardConfig) -> Outcome:
 
 
 def _timed_out(cfg: ShardConfig) -> Rejected:
-    return Rejected(f"timed out: not transcoded within shard.input_timeout = {cfg.input_timeout:g} s (a read that "
-                    "never returns, or a very long or large video: raise the limit to pack it)")
+    return Rejected(
+        f"timed out: not transcoded within shard.input_timeout = {cfg.input_timeout:g} s (a read that "
+        "never returns, or a very long or large video: raise the limit to pack it)"
+    )
 
 
 def _died(how: str) -> Rejected:
-    return Rejected(f"transcoder died: the process transcoding it was {how}, twice (out of memory, or a crash "
-                    "in the decoder)")
+    return Rejected(
+        f"transcoder died: the process transcoding it was {how}, twice (out of memory, or a crash in the decoder)"
+    )
 
 
 def _serve(conn, cfg: ShardConfig) -> None:
@@ -155,8 +158,10 @@ class _LocalPool:
         w = self.workers[n]
         w.proc.join()
         if how is not None and not w.ready:
-            raise PackError(f"a transcoding process {how} while starting; check that "
-                            f"`{sys.executable} -c 'import dclr_dist.shard.pack'` works")
+            raise PackError(
+                f"a transcoding process {how} while starting; check that "
+                f"`{sys.executable} -c 'import dclr_dist.shard.pack'` works"
+            )
         if how is not None and w.task is not None:
             task_id, source, attempt = w.task
             if attempt == 1:

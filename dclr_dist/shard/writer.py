@@ -60,16 +60,21 @@ def _upload(tmp: str, url: str) -> str:
         if code == "NoSuchBucket":
             hint = "the bucket does not exist (deleted while packing?); create it"
         elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            hint = ("access denied; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the bucket policy "
-                    "allows s3:PutObject")
+            hint = (
+                "access denied; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the bucket policy "
+                "allows s3:PutObject"
+            )
         else:
             hint = f"{e}; check the store"
-        raise PackError(f"{url}: upload failed ({code or type(e).__name__}): {hint}, then re-run the same command "
-                        "to resume") from None
+        raise PackError(
+            f"{url}: upload failed ({code or type(e).__name__}): {hint}, then re-run the same command to resume"
+        ) from None
     head = _head(url)
     if head is None:
-        raise PackError(f"{url}: not found right after its upload; check the store (AWS_ENDPOINT_URL), then re-run "
-                        "the same command to resume")
+        raise PackError(
+            f"{url}: not found right after its upload; check the store (AWS_ENDPOINT_URL), then re-run "
+            "the same command to resume"
+        )
     return head["ETag"]
 
 
@@ -96,8 +101,12 @@ class _ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        shard = {"name": self.name, "samples": self.samples, "bytes": os.path.getsize(self.tmp),
-                 "sha256": _sha256(self.tmp)}
+        shard = {
+            "name": self.name,
+            "samples": self.samples,
+            "bytes": os.path.getsize(self.tmp),
+            "sha256": _sha256(self.tmp),
+        }
         if storage.is_s3(self.url):
             shard["etag"] = _upload(self.tmp, self.url)
         else:

@@ -35,16 +35,22 @@ def test_pyarrow_filesystem_signs_for_the_buckets_region_not_the_configured_one(
 def test_ray_storage_of_a_missing_bucket_is_a_one_line_error(s3_endpoint):
     from dclr_dist.storage import pyarrow_filesystem
 
-    with pytest.raises(storage.StorageError, match=r"^s3://no-such-bucket-x/runs: bucket 'no-such-bucket-x' does "
-                                                   r"not exist\. Create it first"):
+    with pytest.raises(
+        storage.StorageError,
+        match=r"^s3://no-such-bucket-x/runs: bucket 'no-such-bucket-x' does "
+        r"not exist\. Create it first",
+    ):
         pyarrow_filesystem("s3://no-such-bucket-x/runs")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("checkpoint.minutes=0", "checkpoint.minutes must be > 0 or null, got 0.0"),
-    ("checkpoint.minutes=-5", "checkpoint.minutes must be > 0 or null, got -5.0"),
-    ("checkpoint.every=-1", "checkpoint.every must be >= 0 (0: not by epochs), got -1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.minutes=0", "checkpoint.minutes must be > 0 or null, got 0.0"),
+        ("checkpoint.minutes=-5", "checkpoint.minutes must be > 0 or null, got -5.0"),
+        ("checkpoint.every=-1", "checkpoint.every must be >= 0 (0: not by epochs), got -1"),
+    ],
+)
 def test_checkpoint_interval_settings_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])

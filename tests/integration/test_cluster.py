@@ -24,9 +24,9 @@ import psutil
 import pytest
 import ray
 import yaml
+from helpers import TINY
 
 from dclr_dist.config import load_config
-from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -42,8 +42,9 @@ def _script(name: str):
     return module
 
 
-local, check_recipe, nccl_check, downstream = (_script(n) for n in ("local", "check_recipe", "nccl_check",
-                                                                   "downstream"))
+local, check_recipe, nccl_check, downstream = (
+    _script(n) for n in ("local", "check_recipe", "nccl_check", "downstream")
+)
 
 
 def _aws() -> dict:
@@ -100,8 +101,7 @@ def test_check_recipe_refuses_recipes_that_launch_but_cannot_boot_or_hold_the_ru
     assert {p.split(":")[0] for p in problems({"default_route": "none"})} == {"node type head", "node type gpu"}
     baked = ["bash ~/dclr-dist/cluster/node_check.sh --offline"]
     assert problems({"default_route": "none"}, setup_commands=baked) == []
-    assert "no path to S3" in problems({"default_route": "none", "s3_gateway_endpoint": False},
-                                       setup_commands=baked)[0]
+    assert "no path to S3" in problems({"default_route": "none", "s3_gateway_endpoint": False}, setup_commands=baked)[0]
     # Ray's launcher refuses a private subnet unless it may use private addresses.
     (launcher,) = problems(provider={"use_internal_ips": False})
     assert "use_internal_ips" in launcher
@@ -112,8 +112,13 @@ def test_check_recipe_refuses_recipes_that_launch_but_cannot_boot_or_hold_the_ru
     assert "network cards [0, 1, 2, 3]" in cards and "has 32 cards" in cards
     efa = _aws()["available_node_types"]["gpu"]["node_config"]["NetworkInterfaces"]
     p5_nics = [{**efa[min(i, 1)], "NetworkCardIndex": i} for i in range(32)]
-    assert problems(gpu={"resources": {"CPU": 192, "GPU": 8}},
-                    gpu_config={"InstanceType": "p5.48xlarge", "NetworkInterfaces": p5_nics}) == []
+    assert (
+        problems(
+            gpu={"resources": {"CPU": 192, "GPU": 8}},
+            gpu_config={"InstanceType": "p5.48xlarge", "NetworkInterfaces": p5_nics},
+        )
+        == []
+    )
     assert "resources.CPU 128 > the 96 vCPUs" in problems(gpu={"resources": {"CPU": 128, "GPU": 8}})[0]
     assert "resources.GPU 4 but p4d.24xlarge has 8" in problems(gpu={"resources": {"CPU": 96, "GPU": 4}})[0]
     assert "not in check_recipe.INSTANCES" in problems(gpu_config={"InstanceType": "p9.96xlarge"})[0]
@@ -145,8 +150,9 @@ def test_node_check_names_the_missing_route_in_one_line(tmp_path):
 
     def check(*args, internet=up, s3=up):
         env = {**os.environ, "NODE_CHECK_INTERNET": internet, "NODE_CHECK_S3": s3, "NODE_CHECK_TIMEOUT": "3"}
-        return subprocess.run(["bash", str(CLUSTER / "node_check.sh"), *args], capture_output=True, text=True,
-                              env=env, timeout=60)
+        return subprocess.run(
+            ["bash", str(CLUSTER / "node_check.sh"), *args], capture_output=True, text=True, env=env, timeout=60
+        )
 
     try:
         ok = check()
@@ -199,7 +205,7 @@ def test_kuberay_manifests_run_the_trainer_on_a_cluster_that_holds_its_config():
     assert argv[:3] == ["python", "-m", "dclr_dist.train"]
     config = Path(argv[argv.index("--config") + 1])
     # The image holds the checkout at /home/ray/dclr-dist (cluster/README.md, the Dockerfile).
-    cfg = load_config(REPO / config.relative_to("/home/ray/dclr-dist"), argv[argv.index("--config") + 2:]).cluster
+    cfg = load_config(REPO / config.relative_to("/home/ray/dclr-dist"), argv[argv.index("--config") + 2 :]).cluster
 
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
@@ -234,8 +240,12 @@ def local_cluster():
     root = Path(tempfile.mkdtemp(prefix="dclr-lc-", dir="/tmp"))
     cli = [sys.executable, str(CLUSTER / "local.py")]
     try:
-        r = subprocess.run([*cli, "start", "--nodes", "2", "--cpus-per-node", "1", "--root", str(root)],
-                           capture_output=True, text=True, timeout=240)
+        r = subprocess.run(
+            [*cli, "start", "--nodes", "2", "--cpus-per-node", "1", "--root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         printed = re.search(r"export RAY_ADDRESS=(\S+) RAY_AUTH_MODE=token", r.stdout)
         assert printed, r.stdout
@@ -268,8 +278,12 @@ def _client_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_ray_job_submit_trains_across_two_nodes_and_resubmitting_resumes(local_cluster, shards, tmp_path):
     root, address = local_cluster
-    status = subprocess.run([sys.executable, str(CLUSTER / "local.py"), "status", "--root", str(root)],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, str(CLUSTER / "local.py"), "status", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0 and "the head sees 3 alive node(s) of 3" in status.stdout, status.stdout
 
     runs = tmp_path / "runs"
@@ -277,15 +291,41 @@ def test_ray_job_submit_trains_across_two_nodes_and_resubmitting_resumes(local_c
     def submit(job_id: str, epochs: int) -> str:
         # What cluster/README.md tells users to run, from the checkout: the code and
         # dclr_dist/configs/ travel as the working dir; shards and runs are paths all nodes share here.
-        argv = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-                "--runtime-env", "cluster/runtime_env.yaml", "--",
-                "python", "-m", "dclr_dist.train", "--config", "dclr_dist/configs/demo.yaml", *TINY, "eval.every=0",
-                f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
-                f"train.storage_path={runs}", "train.name=submitted", f"train.epochs={epochs}"]
+        argv = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "cluster/runtime_env.yaml",
+            "--",
+            "python",
+            "-m",
+            "dclr_dist.train",
+            "--config",
+            "dclr_dist/configs/demo.yaml",
+            *TINY,
+            "eval.every=0",
+            f"data.train=[{shards['train']}]",
+            f"data.eval=[{shards['test']}]",
+            f"train.storage_path={runs}",
+            "train.name=submitted",
+            f"train.epochs={epochs}",
+        ]
         r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=_client_env())
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-        s = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True, text=True,
-                           timeout=60, env=_client_env())
+        s = subprocess.run(
+            [RAY, "job", "status", "--address", address, job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_client_env(),
+        )
         assert f"Job '{job_id}' succeeded" in s.stdout + s.stderr, s.stdout + s.stderr
         return r.stdout + r.stderr
 
@@ -337,8 +377,11 @@ def test_nccl_check_tells_the_fabric_from_tcp_sockets():
     assert efa == "Libfabric" and nccl_check.is_fabric(efa)
     # How the network was set up, not every channel.
     assert [line.split("NCCL INFO ")[1] for line in evidence] == [
-        "NET/Plugin: Loaded net plugin Libfabric (v9)", "NET/OFI Initializing aws-ofi-nccl 1.14.0",
-        "NET/OFI Selected provider is efa, fabric is efa (found 4 nics)", "Using network Libfabric"]
+        "NET/Plugin: Loaded net plugin Libfabric (v9)",
+        "NET/OFI Initializing aws-ofi-nccl 1.14.0",
+        "NET/OFI Selected provider is efa, fabric is efa (found 4 nics)",
+        "Using network Libfabric",
+    ]
     ib, _ = nccl_check.network_of(_IB_LOG.splitlines())
     sock, _ = nccl_check.network_of(_SOCKET_LOG.splitlines())
     assert (ib, sock) == ("IB", "Socket") and nccl_check.is_fabric(ib) and not nccl_check.is_fabric(sock)
@@ -365,27 +408,65 @@ def test_nccl_check_tells_the_fabric_from_tcp_sockets():
 def test_nccl_check_runs_across_two_nodes_of_a_local_cluster_on_gloo(local_cluster):
     """The gate's CPU form, submitted as cluster/README.md says, so its machinery keeps working."""
     _, address = local_cluster
-    argv = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
-            "cluster/runtime_env.yaml", "--", "python", "cluster/nccl_check.py", "--nodes", "2", "--ranks-per-node",
-            "1", "--backend", "gloo", "--sizes", "4KiB", "1MiB", "--iters", "3", "--warmup", "1", "--timeout", "120"]
+    argv = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "python",
+        "cluster/nccl_check.py",
+        "--nodes",
+        "2",
+        "--ranks-per-node",
+        "1",
+        "--backend",
+        "gloo",
+        "--sizes",
+        "4KiB",
+        "1MiB",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--timeout",
+        "120",
+    ]
     r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=_client_env())
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "nccl_check: 2 nodes x 1 ranks, backend gloo" in out
-    rows = re.findall(r"^(all_reduce|all_gather)\s+(\d+ [KM]iB)\s+([\d.]+) [um]s\s+([\d.e+-]+) GB/s$", out,
-                      re.MULTILINE)
+    rows = re.findall(
+        r"^(all_reduce|all_gather)\s+(\d+ [KM]iB)\s+([\d.]+) [um]s\s+([\d.e+-]+) GB/s$", out, re.MULTILINE
+    )
     assert [(op, size) for op, size, _, _ in rows] == [
-        ("all_reduce", "4 KiB"), ("all_gather", "4 KiB"), ("all_reduce", "1 MiB"), ("all_gather", "1 MiB")], out
+        ("all_reduce", "4 KiB"),
+        ("all_gather", "4 KiB"),
+        ("all_reduce", "1 MiB"),
+        ("all_gather", "1 MiB"),
+    ], out
     assert all(float(t) > 0 and float(bw) > 0 for _, _, t, bw in rows), out
     assert "nccl_check: ok (all-reduce 1 MiB:" in out and "transport not checked" in out
 
     # Three nodes' worth of ranks do not fit on two: a one-line failure, not a hang.
-    r = subprocess.run([*argv[:argv.index("--nodes") + 1], "3", *argv[argv.index("--nodes") + 2:-1], "5"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=_client_env())
+    r = subprocess.run(
+        [*argv[: argv.index("--nodes") + 1], "3", *argv[argv.index("--nodes") + 2 : -1], "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_client_env(),
+    )
     assert r.returncode != 0 and "nccl_check: FAIL: could not place 1 rank(s)" in r.stdout + r.stderr
 
 
 # --------------------------------------------------------------------------- downstream
+
 
 def _official_layouts(root: Path) -> dict[str, Path]:
     """UCF-101 and HMDB-51 as they unpack (split lists, no videos: a dry run reads no video)."""
@@ -401,8 +482,9 @@ def _official_layouts(root: Path) -> dict[str, Path]:
     splits.mkdir()
     for cls in ("brush_hair", "wave"):
         for fold in (1, 2, 3):
-            (splits / f"{cls}_test_split{fold}.txt").write_text(f"{cls}_a.avi {fold % 2 + 1} \n{cls}_b.avi "
-                                                                f"{2 - fold % 2} \n")
+            (splits / f"{cls}_test_split{fold}.txt").write_text(
+                f"{cls}_a.avi {fold % 2 + 1} \n{cls}_b.avi {2 - fold % 2} \n"
+            )
     return {"ucf101": ucf, "hmdb51": hmdb}
 
 
@@ -412,15 +494,31 @@ def test_downstream_dry_run_packs_every_fold_and_evaluates_it_with_the_downstrea
 
     sources = _official_layouts(tmp_path)
     shards, runs = tmp_path / "shards", tmp_path / "runs"
-    code = downstream.main(["all", "--ucf101", str(sources["ucf101"]), "--hmdb51", str(sources["hmdb51"]),
-                            "--shards", str(shards), "--checkpoint", str(runs), "--out", str(tmp_path / "reports"),
-                            "--dry-run", "--", "cluster.workers=8"])
+    code = downstream.main(
+        [
+            "all",
+            "--ucf101",
+            str(sources["ucf101"]),
+            "--hmdb51",
+            str(sources["hmdb51"]),
+            "--shards",
+            str(shards),
+            "--checkpoint",
+            str(runs),
+            "--out",
+            str(tmp_path / "reports"),
+            "--dry-run",
+            "--",
+            "cluster.workers=8",
+        ]
+    )
     assert code == 0
     commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     packs = [_pack_parser().parse_args(c[3:]) for c in commands if c[1:3] == ["-m", "dclr_dist.shard"]]
     evals = [c for c in commands if c[1:3] == ["-m", "dclr_dist.eval"]]
     assert [(a.dataset, a.fold, a.split) for a in packs] == [
-        (d, f, s) for d in ("ucf101", "hmdb51") for f in (1, 2, 3) for s in ("train", "test")]
+        (d, f, s) for d in ("ucf101", "hmdb51") for f in (1, 2, 3) for s in ("train", "test")
+    ]
     assert len(evals) == 6
     for a in packs:
         # Each fold's split lists are found in the official layout, without --annotations.
@@ -433,18 +531,27 @@ def test_downstream_dry_run_packs_every_fold_and_evaluates_it_with_the_downstrea
         assert arg["--train"] == str(shards / f"{dataset}-{fold}-train")
         assert arg["--test"] == str(shards / f"{dataset}-{fold}-test")
         assert arg["--protocol"] == "linear,finetune" and arg["--checkpoint"] == str(runs)
-        overrides = c[c.index("--out") + 2:]
+        overrides = c[c.index("--out") + 2 :]
         assert overrides == [f"train.name=downstream-{dataset}-{fold}", "cluster.workers=8"]
         cfg = load_config(arg["--config"], overrides)
         # The paper's protocol: 10 clips per test video, R(2+1)D-18, the released fine-tuning.
         assert (cfg.data.eval_clips, cfg.model.arch, cfg.finetune.lr, cfg.finetune.epochs) == (
-            10, "r2plus1d_18", 0.1, 10)
+            10,
+            "r2plus1d_18",
+            0.1,
+            10,
+        )
         assert cfg.data.epoch_samples is None, "an epoch is one pass over the split, not pretraining's length"
 
 
 def test_downstream_summary_averages_the_three_splits(tmp_path, capsys):
-    top1 = {("ucf101", 1): (0.70, 0.80), ("ucf101", 2): (0.72, 0.82), ("ucf101", 3): (0.74, 0.84),
-            ("hmdb51", 1): (0.40, 0.50), ("hmdb51", 2): (0.45, None)}
+    top1 = {
+        ("ucf101", 1): (0.70, 0.80),
+        ("ucf101", 2): (0.72, 0.82),
+        ("ucf101", 3): (0.74, 0.84),
+        ("hmdb51", 1): (0.40, 0.50),
+        ("hmdb51", 2): (0.45, None),
+    }
     for (dataset, fold), (linear, finetune) in top1.items():
         folder = tmp_path / f"{dataset}-{fold}"
         folder.mkdir()

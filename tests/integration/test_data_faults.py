@@ -12,13 +12,12 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import tar_bytes
 
 from dclr_dist import data, storage
 from dclr_dist.config import DataConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, Part, Shard, eval_loader, read_parts, resolve_shards, to_device, train_loader
 from dclr_dist.model import VIEWS
-
-from helpers import tar_bytes
 
 
 def samples(keys: str, size: int = 3000) -> list[tuple[str, bytes]]:
@@ -44,13 +43,23 @@ GARBAGE = np.random.default_rng(1).bytes(1500)
 DAMAGE = {
     "intact": (GOOD, "abc", (0, 0), (0, 0), None),
     "cut at a member boundary": (GOOD[:B_END], "ab", (1, 1), (0, 1), "without an end-of-archive marker"),
-    "cut inside a header": (GOOD[:B_END + 100], "ab", (1, 1), (0, 1), "where a tar header should be"),
-    "cut inside a member": (GOOD[:C_MP4[0] + 1000], "ab", (1, 1), (1, 1), "broke off after 2 samples"),
-    "a damaged header": (GOOD[:B_END] + GARBAGE[:512] + GOOD[B_END + 512:], "ab", (1, 1), (0, 1),
-                         "where a tar header should be"),
-    "trailing garbage": (GOOD[:AT["c.json"][1]] + GARBAGE, "abc", (0, 0), (0, 1), "where a tar header should be"),
-    "a second tar appended": (GOOD + tar_bytes(samples("de")), "abc", (0, 0), (0, 1),
-                              "after its end-of-archive marker"),
+    "cut inside a header": (GOOD[: B_END + 100], "ab", (1, 1), (0, 1), "where a tar header should be"),
+    "cut inside a member": (GOOD[: C_MP4[0] + 1000], "ab", (1, 1), (1, 1), "broke off after 2 samples"),
+    "a damaged header": (
+        GOOD[:B_END] + GARBAGE[:512] + GOOD[B_END + 512 :],
+        "ab",
+        (1, 1),
+        (0, 1),
+        "where a tar header should be",
+    ),
+    "trailing garbage": (GOOD[: AT["c.json"][1]] + GARBAGE, "abc", (0, 0), (0, 1), "where a tar header should be"),
+    "a second tar appended": (
+        GOOD + tar_bytes(samples("de")),
+        "abc",
+        (0, 0),
+        (0, 1),
+        "after its end-of-archive marker",
+    ),
 }
 
 
@@ -93,8 +102,10 @@ def test_skipping_to_a_range_inside_a_shard_reads_the_same_samples_on_s3(bucket,
 
 # --------------------------------------------------------------------------- S3 object replaced mid-read
 
-def test_s3_shard_replaced_between_a_cut_and_its_resume_is_skipped_not_spliced(bucket, flaky_proxy, sample_videos,
-                                                                              caplog):
+
+def test_s3_shard_replaced_between_a_cut_and_its_resume_is_skipped_not_spliced(
+    bucket, flaky_proxy, sample_videos, caplog
+):
     mp4 = sample_videos["carphone_pristine"].read_bytes()  # 589 kB: a shard of three spans 1 MiB reads
     members = lambda keys: [m for k in keys for m in ((f"{k}.mp4", mp4), (f"{k}.json", b"{}"))]  # noqa: E731
     old, new = tar_bytes(members("abc")), tar_bytes(members("xyz"))
@@ -124,11 +135,14 @@ def test_s3_shard_replaced_between_a_cut_and_its_resume_is_skipped_not_spliced(b
     keys = "".join(s["__key__"] for s in got)
     assert keys in ("a", "ab") and all(s["mp4"] == mp4 for s in got)  # the old version's, and no more
     assert (skips.samples, skips.shards) == (3 - len(keys), 1)
-    assert f"{url}: skipped: broke off after {len(keys)} samples: ShardReplaced: {url}: replaced while it was " \
+    assert (
+        f"{url}: skipped: broke off after {len(keys)} samples: ShardReplaced: {url}: replaced while it was "
         "being read" in caplog.text
+    )
 
 
 # --------------------------------------------------------------------------- pre-flight
+
 
 def _index(folder: str, names: list[str]) -> None:
     index = {"encoding": {"gop": 16}, "shards": [{"name": n, "samples": 1} for n in names]}
@@ -148,8 +162,10 @@ def test_preflight_names_a_missing_listed_shard(where, request, tmp_path):
     message = str(e.value)
     assert message.startswith(f"{missing}: listed in data.train") and "re-pack" in message and "\n" not in message
     with pytest.raises(DataError, match=r"shard-000002.tar \(and 1 more\): listed in data.eval"):
-        data.check_shards(resolve_shards([storage.join(folder, "shard-{000000..000003}.tar"),
-                                          storage.join(folder, "gone.tar")]), "data.eval")
+        data.check_shards(
+            resolve_shards([storage.join(folder, "shard-{000000..000003}.tar"), storage.join(folder, "gone.tar")]),
+            "data.eval",
+        )
     storage.write_bytes(missing, tar_bytes(samples("a")))
     data.check_shards(resolve_shards([folder]), "data.train")
 
@@ -168,6 +184,7 @@ def test_fit_fails_on_a_missing_shard_before_any_worker_starts(tmp_path):
 
 # --------------------------------------------------------------------------- shards of other tools
 
+
 def decode_all(mp4: bytes) -> np.ndarray:
     with av.open(io.BytesIO(mp4)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
@@ -176,12 +193,19 @@ def decode_all(mp4: bytes) -> np.ndarray:
 def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_them(sample_videos, tmp_path):
     # video2dataset's layout, as its webdataset writer orders members: <key>.json, <key>.mp4,
     # <key>.txt; the record has no label and no frame count; real videos nobody here encoded.
-    videos = {f"{i:09d}": sample_videos[name].read_bytes()
-              for i, name in enumerate(["carphone_pristine", "carphone_distorted", "carphone_pristine"])}
+    videos = {
+        f"{i:09d}": sample_videos[name].read_bytes()
+        for i, name in enumerate(["carphone_pristine", "carphone_distorted", "carphone_pristine"])
+    }
     members = []
     for key, mp4 in videos.items():
-        record = {"url": f"https://example.com/{key}.mp4", "key": key, "status": "success", "error_message": None,
-                  "caption": "a clip"}
+        record = {
+            "url": f"https://example.com/{key}.mp4",
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "caption": "a clip",
+        }
         members += [(f"{key}.json", json.dumps(record).encode()), (f"{key}.mp4", mp4), (f"{key}.txt", b"a clip")]
     shard = tmp_path / "00000.tar"
     shard.write_bytes(tar_bytes(members))
@@ -193,7 +217,7 @@ def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_th
         ref = decode_all(videos[key])
         h, w = ref.shape[1:3]
         clip = batch["q"][b].permute(1, 2, 3, 0).numpy()[:, :h, :w]  # (T+1, H, W, 3), unpadded
-        assert any(np.array_equal(clip, ref[s:s + 17:2]) for s in range(len(ref) - 16)), key
+        assert any(np.array_equal(clip, ref[s : s + 17 : 2]) for s in range(len(ref) - 16)), key
     out = to_device(batch, "cpu", cfg)
     assert all(torch.isfinite(out[name]).all() for name in VIEWS)
     for loader in (eval_loader(d, cfg), train_loader(d, cfg, labelled=True)):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import local_ray, pack_synthetic, tar_members, write_tar
 from torch import nn
 
 from dclr_dist import data, storage
@@ -25,24 +26,55 @@ from dclr_dist.config import load_config
 from dclr_dist.data import DataError
 from dclr_dist.eval import EvalError, evaluate
 from dclr_dist.evaluation.features import Features, extract, extract_on_workers
-from dclr_dist.evaluation.probes import L2_GRID, choose_l2, knn_predict, knn_retrieval, linear_probe, nearest, scene_probe
+from dclr_dist.evaluation.probes import (
+    L2_GRID,
+    choose_l2,
+    knn_predict,
+    knn_retrieval,
+    linear_probe,
+    nearest,
+    scene_probe,
+)
 from dclr_dist.model import backbone, gap
-from helpers import local_ray, pack_synthetic
-from helpers import tar_members, write_tar
 
 CLASSES = 3
 # 8-frame clips at stride 2 span 15 frames: the object moves 7-10 px of the 48-px frames.
-TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=16", "views.frames=8",
-        "views.size=32", "views.flip_p=0", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=16", "data.eval_clips=3", "cluster.workers=2",
-        "train.epochs=2", "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "checkpoint.every=1",
-        "eval.knn_k=3", "finetune.epochs=1"]
+TINY = [
+    "model.arch=tiny",
+    "model.width=8",
+    "model.dim=32",
+    "loss.queue_size=16",
+    "views.frames=8",
+    "views.size=32",
+    "views.flip_p=0",
+    "data.batch_size=4",
+    "data.loader_workers=0",
+    "data.shuffle_buffer=8",
+    "data.shuffle_initial=4",
+    "data.epoch_samples=16",
+    "data.eval_clips=3",
+    "cluster.workers=2",
+    "train.epochs=2",
+    "optim.lr=0.05",
+    "optim.ref_batch=8",
+    "train.log_every=1",
+    "checkpoint.every=1",
+    "eval.knn_k=3",
+    "finetune.epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
-    return pack_synthetic(tmp_path_factory.mktemp("eval-shards"), classes=CLASSES, train_per_class=8,
-                          test_per_class=4, train_scenes=4, test_scenes=2, max_samples=8)
+    return pack_synthetic(
+        tmp_path_factory.mktemp("eval-shards"),
+        classes=CLASSES,
+        train_per_class=8,
+        test_per_class=4,
+        train_scenes=4,
+        test_scenes=2,
+        max_samples=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +84,16 @@ def ray_local():
 
 
 def _cfg(shards, runs: Path, *extra):
-    return load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
-                              f"train.storage_path={runs}", *extra])
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"data.train=[{shards['train']}]",
+            f"data.eval=[{shards['test']}]",
+            f"train.storage_path={runs}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +112,9 @@ def _checkpoint(folder: Path, f: nn.Module, cfg) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(f.state_dict(), folder / "backbone.pt")
     model = {"arch": cfg.model.arch, "width": cfg.model.width, "epoch": 0}
-    (folder / "meta.json").write_text(json.dumps({"world_size": 1, "epoch": 0, "model": model,
-                                                  "config": cfg.to_dict()}))
+    (folder / "meta.json").write_text(
+        json.dumps({"world_size": 1, "epoch": 0, "model": model, "config": cfg.to_dict()})
+    )
     return str(folder)
 
 
@@ -88,7 +129,9 @@ def test_knn_monitor_ranks_best_and_every_protocol_reports(trained, shards, tmp_
     best = json.loads((run / "best" / "meta.json").read_text())
     assert best["metrics"]["knn_acc"] == max(knn.values())
     assert best["epoch"] == min(e for e, v in knn.items() if v == max(knn.values()))
-    assert best["model"] == {"arch": "tiny", "width": 8, "epoch": best["epoch"]} and best["config"]["eval"]["every"] == 1
+    assert (
+        best["model"] == {"arch": "tiny", "width": 8, "epoch": best["epoch"]} and best["config"]["eval"]["every"] == 1
+    )
 
     out = tmp_path / "report"
     lines: list[str] = []
@@ -128,8 +171,13 @@ def test_random_init_scores_near_chance_on_motion_and_follows_the_scene(shards, 
     cfg = _cfg(shards, tmp_path)
     torch.manual_seed(0)
     f, _ = backbone("tiny", 8)
-    p = evaluate(_checkpoint(tmp_path / "random", f, cfg), [shards["train"]], [shards["test"]],
-                 ("linear", "knn", "scene"), log=lambda *a: None)["protocols"]
+    p = evaluate(
+        _checkpoint(tmp_path / "random", f, cfg),
+        [shards["train"]],
+        [shards["test"]],
+        ("linear", "knn", "scene"),
+        log=lambda *a: None,
+    )["protocols"]
     chance = 1 / CLASSES
     assert p["linear"]["top1"] <= chance + 0.2 and p["knn"]["top1"] <= chance + 0.2
     # the scene decides everything: recognised on the train split, nearest neighbours share it
@@ -143,8 +191,17 @@ def test_a_backbone_that_learned_the_motion_scores_above_chance(shards, tmp_path
     # A self-supervised model that learns motion at this scale would take minutes; what
     # DCLR learns is measured by benchmarks/scene_bias.py. Random clip positions and crops,
     # no colour changes: the motion is then the one cue shared by a class's videos.
-    cfg = _cfg(shards, tmp_path, "views.jitter_p=0", "views.gray_p=0", "views.blur_p=0", "views.scale=[0.5,1]",
-               "data.batch_size=8", "data.epoch_samples=4000", "views.size=48")
+    cfg = _cfg(
+        shards,
+        tmp_path,
+        "views.jitter_p=0",
+        "views.gray_p=0",
+        "views.blur_p=0",
+        "views.scale=[0.5,1]",
+        "data.batch_size=8",
+        "data.epoch_samples=4000",
+        "views.size=48",
+    )
     torch.manual_seed(0)
     f, C = backbone("tiny", 8)
     head = nn.Linear(C, CLASSES)
@@ -155,8 +212,13 @@ def test_a_backbone_that_learned_the_motion_scores_above_chance(shards, tmp_path
         opt.zero_grad()
         loss.backward()
         opt.step()
-    p = evaluate(_checkpoint(tmp_path / "trained", f, cfg), [shards["train"]], [shards["test"]],
-                 ("linear", "knn", "scene"), log=lambda *a: None)["protocols"]
+    p = evaluate(
+        _checkpoint(tmp_path / "trained", f, cfg),
+        [shards["train"]],
+        [shards["test"]],
+        ("linear", "knn", "scene"),
+        log=lambda *a: None,
+    )["protocols"]
     chance = 1 / CLASSES
     assert p["linear"]["top1"] >= chance + 0.25 and p["knn"]["top1"] >= chance + 0.25, (p["linear"], p["knn"])
     # 92% in three seeds here; the random-init test above stays at chance on the same protocols
@@ -164,15 +226,21 @@ def test_a_backbone_that_learned_the_motion_scores_above_chance(shards, tmp_path
 
 
 def _features(x: torch.Tensor, motion: list[int], scene: list[int]) -> Features:
-    return Features(F.normalize(x, dim=1), torch.tensor(motion), [f"v{i:03d}" for i in range(len(motion))],
-                    [{"scene": f"scene{s:03d}"} for s in scene])
+    return Features(
+        F.normalize(x, dim=1),
+        torch.tensor(motion),
+        [f"v{i:03d}" for i in range(len(motion))],
+        [{"scene": f"scene{s:03d}"} for s in scene],
+    )
 
 
 def test_the_probes_tell_motion_features_from_scene_features():
     # 3 motions x 4 scenes, 2 videos each, per split; train scenes 0-3, test scenes 4-5 (unseen)
     g = torch.Generator().manual_seed(0)
-    split = {"train": [(m, s) for m in range(3) for s in range(4) for _ in range(2)],
-             "test": [(m, s) for m in range(3) for s in (4, 5) for _ in range(2)]}
+    split = {
+        "train": [(m, s) for m in range(3) for s in range(4) for _ in range(2)],
+        "test": [(m, s) for m in range(3) for s in (4, 5) for _ in range(2)],
+    }
     code = torch.randn(10, 16, generator=g)  # one random direction per motion (0-2) and per scene (3-9)
 
     def make(weight_motion: float, name: str) -> Features:
@@ -250,8 +318,10 @@ def test_nearest_neighbours_in_chunks_equal_a_stable_sort_of_all_similarities():
         for chunk in (1, 7, 16, 100):  # 7 and 16 divide neither 37 nor 62
             top, idx = nearest(gallery, q, 20, chunk, leave_one_out=loo)
             assert torch.equal(idx, ref) and torch.equal(top, sim.gather(1, ref)), (loo, chunk)
-            assert torch.equal(knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, chunk),
-                               knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, 1000))
+            assert torch.equal(
+                knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, chunk),
+                knn_predict(gallery, gallery_y, q, 4, 5, 0.07, loo, 1000),
+            )
     train = Features(gallery, gallery_y, [f"g{i:02d}" for i in range(62)], [{}] * 62)
     test = Features(queries, query_y, [f"q{i:02d}" for i in range(37)], [{}] * 37)
     whole = knn_retrieval(train, test, list("abcd"), 5, 0.07, [1, 5, 10], chunk=1000)
@@ -293,8 +363,15 @@ def test_damaged_test_videos_are_counted_in_the_report(ray_local, shards, tmp_pa
     folder = _checkpoint(tmp_path / "random", backbone("tiny", 8)[0], cfg)
     lines: list[str] = []
     # on 2 Ray workers, counted against the index.json ...
-    report = evaluate(folder, [shards["train"]], [str(damaged)], ("knn",), out=tmp_path / "report",
-                      overrides=("eval.workers=2",), log=lines.append)
+    report = evaluate(
+        folder,
+        [shards["train"]],
+        [str(damaged)],
+        ("knn",),
+        out=tmp_path / "report",
+        overrides=("eval.workers=2",),
+        log=lines.append,
+    )
     assert report["videos"] == {"train": 8 * CLASSES, "test": 4 * CLASSES - 1}
     assert report["skipped"] == {"train": {"samples": 0, "shards": 0}, "test": {"samples": 1, "shards": 0}}
     assert json.loads((tmp_path / "report" / "report.json").read_text())["skipped"] == report["skipped"]
@@ -337,13 +414,23 @@ def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
         evaluate(str(mixed), [shards["train"]], [shards["test"]], ("linear",))
     # a config that asks for another backbone than the checkpoint holds
     with pytest.raises(EvalError, match="holds a tiny backbone of width 8 and the config asks for r3d_18 of width 64"):
-        evaluate(str(best), [shards["train"]], [shards["test"]], ("linear",), overrides=("model.arch=r3d_18",
-                                                                                      "model.width=64"))
+        evaluate(
+            str(best),
+            [shards["train"]],
+            [shards["test"]],
+            ("linear",),
+            overrides=("model.arch=r3d_18", "model.width=64"),
+        )
 
     # shards whose records carry no label
-    unlabelled = _rewrite(shards["test"], tmp_path / "unlabelled", lambda r: {k: v for k, v in r.items() if k != "label"})
-    with pytest.raises(DataError, match=r"unlabelled/shard-000000.tar: its record has no class label, and evaluation "
-                                        r"needs one .* pack the labelled videos with `python -m dclr_dist.shard`"):
+    unlabelled = _rewrite(
+        shards["test"], tmp_path / "unlabelled", lambda r: {k: v for k, v in r.items() if k != "label"}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"unlabelled/shard-000000.tar: its record has no class label, and evaluation "
+        r"needs one .* pack the labelled videos with `python -m dclr_dist.shard`",
+    ):
         evaluate(str(best), [shards["train"]], [unlabelled], ("linear",))
     # labelled shards without scenes: the scene probe says what it needs
     sceneless = _rewrite(shards["test"], tmp_path / "sceneless", lambda r: {k: v for k, v in r.items() if k != "meta"})
@@ -353,28 +440,49 @@ def test_bad_inputs_give_errors_that_say_what_to_do(trained, shards, tmp_path):
     # the in-training monitor without validation shards fails before Ray starts a worker
     from dclr_dist.train import fit
 
-    cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", "eval.every=1",
-                             f"train.storage_path={tmp_path}"])
+    cfg = load_config(
+        None, [*TINY, f"data.train=[{shards['train']}]", "eval.every=1", f"train.storage_path={tmp_path}"]
+    )
     with pytest.raises(DataError, match="eval.every is 1 and data.eval is empty"):
         fit(cfg)
 
 
 def test_cli_help_and_a_run(trained, shards, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dclr_dist.eval", *args], capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "dclr_dist.eval", *args], capture_output=True, text=True, timeout=300
+        )
 
     r = cli("--help")
     assert r.returncode == 0
     for text in ("--checkpoint", "linear", "knn", "scene", "finetune", "recall@K", "data.eval_clips"):
         assert text in r.stdout
-    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"],
-            "--protocol", "linear,knn", "--out", str(tmp_path / "cli"), "data.eval_clips=2")
+    r = cli(
+        "--checkpoint",
+        str(trained["run"]),
+        "--train",
+        shards["train"],
+        "--test",
+        shards["test"],
+        "--protocol",
+        "linear,knn",
+        "--out",
+        str(tmp_path / "cli"),
+        "data.eval_clips=2",
+    )
     assert r.returncode == 0, r.stderr
     assert "linear    top-1, test" in r.stdout and (tmp_path / "cli" / "report.json").exists()
     assert json.loads((tmp_path / "cli" / "report.json").read_text())["clips"] == 2
-    r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"],
-            "--protocol", "linear,speed")
+    r = cli(
+        "--checkpoint",
+        str(trained["run"]),
+        "--train",
+        shards["train"],
+        "--test",
+        shards["test"],
+        "--protocol",
+        "linear,speed",
+    )
     assert r.returncode == 1 and "unknown protocol(s) ['speed']" in r.stderr
     r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"], "eval.knn_k=0")
     assert r.returncode == 2 and "eval.knn_k must be >= 1, got 0" in r.stderr

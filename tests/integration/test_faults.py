@@ -16,24 +16,27 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import tar_bytes
 
 from dclr_dist import data
 from dclr_dist.config import ConfigError, DataConfig, ShardConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, resolve_shards, train_loader
 from dclr_dist.shard.pack import pack
 
-from helpers import tar_bytes
-
 RGB = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- config files
 
-@pytest.mark.parametrize("text, key, line, first", [
-    ("train:\n  epochs: 3\nshard:\n  crf: 20\ntrain:\n  lr: 0.1\n", "train", 5, 1),
-    ("shard:\n  crf: 20\n  gop: 8\n  crf: 30\n", "crf", 4, 2),
-    ("shard: {crf: 20, gop: 8}\ndata: {seed: 1, seed: 2}\n", "seed", 2, 2),
-])
+
+@pytest.mark.parametrize(
+    "text, key, line, first",
+    [
+        ("train:\n  epochs: 3\nshard:\n  crf: 20\ntrain:\n  lr: 0.1\n", "train", 5, 1),
+        ("shard:\n  crf: 20\n  gop: 8\n  crf: 30\n", "crf", 4, 2),
+        ("shard: {crf: 20, gop: 8}\ndata: {seed: 1, seed: 2}\n", "seed", 2, 2),
+    ],
+)
 def test_duplicate_yaml_key_is_an_error_naming_key_file_and_line(tmp_path, text, key, line, first):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -65,6 +68,7 @@ def test_config_path_that_is_a_folder_or_not_utf8_is_a_one_line_config_error(tmp
 
 
 # --------------------------------------------------------------------------- values that crash workers
+
 
 @pytest.mark.parametrize("key", ["data.seed", "train.seed", "shard.seed"])
 def test_negative_seed_is_refused_by_validation(tmp_path, key):
@@ -109,10 +113,15 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path, monkeypatch):
     assert marker.exists() and [s["__key__"] for s in samples] == ["v0"]
 
 
-@pytest.mark.parametrize("kind, compress, suffix", [
-    ("gzip", gzip.compress, ".tar.gz"), ("gzip", gzip.compress, ".tgz"),
-    ("bzip2", bz2.compress, ".tar.bz2"), ("xz", lzma.compress, ".tar.xz"),
-])
+@pytest.mark.parametrize(
+    "kind, compress, suffix",
+    [
+        ("gzip", gzip.compress, ".tar.gz"),
+        ("gzip", gzip.compress, ".tgz"),
+        ("bzip2", bz2.compress, ".tar.bz2"),
+        ("xz", lzma.compress, ".tar.xz"),
+    ],
+)
 def test_compressed_shards_are_refused_by_name_and_by_content(tmp_path, kind, compress, suffix):
     packed = compress(tar_bytes(SAMPLE))
     named = tmp_path / f"shard-000000{suffix}"
@@ -126,7 +135,9 @@ def test_compressed_shards_are_refused_by_name_and_by_content(tmp_path, kind, co
     # ... and when it is named .tar: refused when opened, not skipped as a damaged shard
     disguised = tmp_path / "disguised.tar"
     disguised.write_bytes(packed)
-    cfg = DataConfig(train=[str(disguised)], batch_size=1, loader_workers=0, epoch_samples=1, retries=0, pin_memory=False)
+    cfg = DataConfig(
+        train=[str(disguised)], batch_size=1, loader_workers=0, epoch_samples=1, retries=0, pin_memory=False
+    )
     with pytest.raises(DataError, match=rf"disguised\.tar: a {kind}-compressed tar; .*`python -m dclr_dist\.shard`"):
         list(train_loader(cfg, ViewsConfig()))
 
@@ -139,9 +150,14 @@ def test_plain_tar_whose_first_name_looks_like_bzip2_is_read(tmp_path):
 
 # --------------------------------------------------------------------------- the packer
 
+
 def _pack_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dclr_dist.shard", "--workers", "1", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dclr_dist.shard", "--workers", "1", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_packer_exits_nonzero_when_every_input_is_rejected(tmp_path):
@@ -151,7 +167,9 @@ def test_packer_exits_nonzero_when_every_input_is_rejected(tmp_path):
     out = tmp_path / "out"
     r = _pack_cli("--input", str(tmp_path / "in"), "--output", str(out))
     assert r.returncode != 0, r
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: nothing packed: all 2 inputs were rejected"), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: nothing packed: all 2 inputs were rejected"), (
+        r.stderr
+    )
     assert str(out / "rejects.jsonl") in r.stderr
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["source"] for r in rejects) == ["Archery/clip.mp4", "Bowling/clip.mp4"]
@@ -160,6 +178,7 @@ def test_packer_exits_nonzero_when_every_input_is_rejected(tmp_path):
 def _png(rgb: np.ndarray) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     rows = b"".join(b"\x00" + row.tobytes() for row in rgb)  # filter 0 per scanline
     header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 0)  # 8-bit RGB
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

@@ -12,8 +12,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-STEP_FIELDS = ("samples_per_s", "step_ms", "mfu", "host_syncs", "host_syncs_per_step", "peak_memory_mb", "warmup_s",
-               "build_s", "steps")
+STEP_FIELDS = (
+    "samples_per_s",
+    "step_ms",
+    "mfu",
+    "host_syncs",
+    "host_syncs_per_step",
+    "peak_memory_mb",
+    "warmup_s",
+    "build_s",
+    "steps",
+)
 PROJECT_PHASES = ("views", "forward", "loss", "backward", "momentum")
 
 
@@ -21,14 +30,43 @@ PROJECT_PHASES = ("views", "forward", "loss", "backward", "momentum")
 def test_reduced_gpu_check_reports_every_part(tmp_path, bucket, sample_videos):
     out = tmp_path / "gpu_check.json"
     run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(out),
-         "--workdir", str(tmp_path / "work"), "--storage", f"{bucket}/checks", "--steps", "4",
-         "--data-seconds", "2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            "--cpu",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--storage",
+            f"{bucket}/checks",
+            "--steps",
+            "4",
+            "--data-seconds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
-    for key in ("schema", "mode", "environment", "peak_tflops", "peak_source", "recipe", "step", "data",
-                "checkpoint", "wall_s", "switches_available", "switches_missing"):
+    for key in (
+        "schema",
+        "mode",
+        "environment",
+        "peak_tflops",
+        "peak_source",
+        "recipe",
+        "step",
+        "data",
+        "checkpoint",
+        "wall_s",
+        "switches_available",
+        "switches_missing",
+    ):
         assert key in report, key
     assert report["mode"] == "cpu-reduced" and report["peak_tflops"] is None  # no peak for a CPU: MFU unknown
 

@@ -40,8 +40,9 @@ def run(mode: tuple[str, str], rank: int = 0, world: int = 1) -> dict:
     # queue of 6 < 2 steps x 4 keys: the ring wraps across the workers' keys
     criterion = DCLRLoss(dim=8, queue_size=6, topk=2, in_batch=in_batch).double()
     g = torch.Generator().manual_seed(1)
-    batches = [{n: torch.randn(WORLD * B, 3, T, S, S, generator=g, dtype=torch.float64) for n in VIEWS}
-               for _ in range(STEPS)]
+    batches = [
+        {n: torch.randn(WORLD * B, 3, T, S, S, generator=g, dtype=torch.float64) for n in VIEWS} for _ in range(STEPS)
+    ]
     grads, losses = [], []
     for batch in batches:
         model.zero_grad()
@@ -70,8 +71,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         check_gather(rank, world)
-        torch.save({mode: run(mode, rank, world) for mode in MODES},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({mode: run(mode, rank, world) for mode in MODES}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

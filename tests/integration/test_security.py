@@ -15,15 +15,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import environment, local_ray, pack_synthetic
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from helpers import environment, local_ray, pack_synthetic
 
-TINY = ["model.arch=tiny", "model.width=8", "model.dim=32", "loss.queue_size=64", "views.frames=4",
-        "views.size=32", "data.batch_size=4", "data.loader_workers=0", "data.shuffle_buffer=8",
-        "data.shuffle_initial=4", "data.epoch_samples=8", "cluster.workers=1", "train.epochs=1",
-        "optim.lr=0.05", "optim.ref_batch=8", "train.log_every=1", "cluster.max_failures=0"]
+TINY = [
+    "model.arch=tiny",
+    "model.width=8",
+    "model.dim=32",
+    "loss.queue_size=64",
+    "views.frames=4",
+    "views.size=32",
+    "data.batch_size=4",
+    "data.loader_workers=0",
+    "data.shuffle_buffer=8",
+    "data.shuffle_initial=4",
+    "data.epoch_samples=8",
+    "cluster.workers=1",
+    "train.epochs=1",
+    "optim.lr=0.05",
+    "optim.ref_batch=8",
+    "train.log_every=1",
+    "cluster.max_failures=0",
+]
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -31,8 +46,11 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 def secrets(s3_endpoint):
     """Distinctive credentials in this process's environment for the module (moto accepts any)."""
     tag = uuid.uuid4().hex[:16].upper()
-    values = {"AWS_ACCESS_KEY_ID": f"AKIADCLR{tag}", "AWS_SECRET_ACCESS_KEY": f"dclrSecretKey{tag}",
-              "AWS_SESSION_TOKEN": f"dclrSessionToken{tag}"}
+    values = {
+        "AWS_ACCESS_KEY_ID": f"AKIADCLR{tag}",
+        "AWS_SECRET_ACCESS_KEY": f"dclrSecretKey{tag}",
+        "AWS_SESSION_TOKEN": f"dclrSessionToken{tag}",
+    }
     with environment(values):
         yield values
 
@@ -56,8 +74,15 @@ def ray_local(secrets):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
-    return pack_synthetic(tmp_path_factory.mktemp("sec-shards"), classes=2, train_per_class=4, test_per_class=1,
-                          train_scenes=2, test_scenes=1, max_samples=4)
+    return pack_synthetic(
+        tmp_path_factory.mktemp("sec-shards"),
+        classes=2,
+        train_per_class=4,
+        test_per_class=1,
+        train_scenes=2,
+        test_scenes=1,
+        max_samples=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +156,9 @@ def test_no_secret_in_ray_logs_job_table_run_state_or_storage(s3_run, secrets):
             continue
         found += [f"{path}: {n.decode()}" for n in needles if n in data]
 
-    jobs = state._connect_and_get_accessor().get_job_table(skip_submission_job_info_field=False,
-                                                           skip_is_running_tasks_field=True)
+    jobs = state._connect_and_get_accessor().get_job_table(
+        skip_submission_job_info_field=False, skip_is_running_tasks_field=True
+    )
     assert jobs
     found += [f"job table: {n.decode()}" for job in jobs for n in needles if n in job]
 
@@ -143,8 +169,11 @@ def test_no_secret_in_ray_logs_job_table_run_state_or_storage(s3_run, secrets):
         found += [f"Train run state: {n.decode()}" for n in needles if n in text]
 
     bucket, prefix = storage.split_s3(run)
-    objects = [o["Key"] for page in storage.s3_client().get_paginator("list_objects_v2").paginate(
-        Bucket=bucket) for o in page.get("Contents", [])]
+    objects = [
+        o["Key"]
+        for page in storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
     assert any("/checkpoint_" in key for key in objects) and f"{prefix}/latest.json" in objects
     for key in objects:
         data = storage.read_bytes(f"s3://{bucket}/{key}")

@@ -71,10 +71,15 @@ def _make_bad_inputs(folder: Path, good: Path) -> dict[str, str]:
         stream = out.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
         out.start_encoding()  # header and an empty track, no frames
-    return {"empty.mp4": "empty file", "random_bytes.mp4": "not a readable video container",
-            "truncated.mp4": "not a readable video container", "notes.txt": "not a readable video container",
-            "dangling.mp4": "file not found", "audio_only.m4a": "no video stream (found: audio)",
-            "zero_frames.mp4": "no video frames"}
+    return {
+        "empty.mp4": "empty file",
+        "random_bytes.mp4": "not a readable video container",
+        "truncated.mp4": "not a readable video container",
+        "notes.txt": "not a readable video container",
+        "dangling.mp4": "file not found",
+        "audio_only.m4a": "no video stream (found: audio)",
+        "zero_frames.mp4": "no video frames",
+    }
 
 
 def test_real_videos_pack_with_distinct_valid_keys(class_folders, tmp_path):
@@ -101,9 +106,15 @@ def test_real_videos_pack_with_distinct_valid_keys(class_folders, tmp_path):
         path = Path(out) / shard["name"]
         assert path.stat().st_size == shard["bytes"]
         import hashlib
+
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
     assert sorted(p.name for p in Path(out).iterdir()) == [
-        "index.json", "rejects.jsonl", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        "index.json",
+        "rejects.jsonl",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
 
 
 def test_inputs_are_written_in_a_seeded_shuffled_order(class_folders, tmp_path):
@@ -123,8 +134,9 @@ def test_inputs_are_written_in_a_seeded_shuffled_order(class_folders, tmp_path):
 def test_shards_are_plain_tar(class_folders, tmp_path):
     out = tmp_path / "out"
     pack(str(class_folders), str(out), CFG, workers=1, progress=False)
-    listing = subprocess.run(["tar", "-tvf", str(out / "shard-000000.tar")], capture_output=True, text=True,
-                             check=True).stdout.splitlines()
+    listing = subprocess.run(
+        ["tar", "-tvf", str(out / "shard-000000.tar")], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     names = [line.split()[-1] for line in listing]
     assert len(names) == 4 and [n.rsplit(".", 1)[1] for n in names] == ["mp4", "json"] * 2
     assert all(" 1970-01-01 " in line for line in listing)  # no clock in the headers
@@ -184,8 +196,9 @@ def test_same_input_and_options_give_identical_shards(class_folders, tmp_path):
     b = pack(str(class_folders), str(tmp_path / "b"), CFG, workers=2, progress=False).index
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
-    c = pack(str(class_folders), str(tmp_path / "c"), ShardConfig(short_side=64, max_samples=2, crf=30),
-             progress=False).index
+    c = pack(
+        str(class_folders), str(tmp_path / "c"), ShardConfig(short_side=64, max_samples=2, crf=30), progress=False
+    ).index
     assert [s["sha256"] for s in c["shards"]] != [s["sha256"] for s in a["shards"]]
 
 
@@ -198,11 +211,16 @@ def test_rerun_on_finished_output_does_nothing_and_other_options_are_refused(cla
     assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == before
     with pytest.raises(PackError, match="--overwrite"):
         pack(str(class_folders), out, ShardConfig(short_side=64, max_samples=3), progress=False)
-    replaced = pack(str(class_folders), out, ShardConfig(short_side=64, max_samples=3), overwrite=True,
-                    progress=False).index
+    replaced = pack(
+        str(class_folders), out, ShardConfig(short_side=64, max_samples=3), overwrite=True, progress=False
+    ).index
     assert [s["samples"] for s in replaced["shards"]] == [3, 2]
-    assert sorted(p.name for p in Path(out).iterdir()) == ["index.json", "rejects.jsonl", "shard-000000.tar",
-                                                           "shard-000001.tar"]
+    assert sorted(p.name for p in Path(out).iterdir()) == [
+        "index.json",
+        "rejects.jsonl",
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
 
 
 def test_tune_fastdecode_is_applied_and_recorded(tmp_path, sample_videos, capsys):
@@ -252,14 +270,27 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, sample_videos):
     for n in range(8):
         (corpus / f"c{n % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sample_videos["bikes"], corpus / f"c{n % 2}" / f"v{n}.mp4")
-    args = [sys.executable, "-m", "dclr_dist.shard", "--input", str(corpus), "--short-side", "64",
-            "--max-samples", "2", "--workers", "1", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "dclr_dist.shard",
+        "--input",
+        str(corpus),
+        "--short-side",
+        "64",
+        "--max-samples",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     reference = tmp_path / "reference"
     subprocess.run(args + ["--output", str(reference)], check=True, capture_output=True)
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(args + ["--output", str(out)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args + ["--output", str(out)], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _kill_when(proc, out / "_partial" / "shard-000001.tar.json")
     assert not (out / "index.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[01].tar")}
@@ -282,7 +313,8 @@ def test_manifest_csv_with_split_meta_and_bad_rows(tmp_path, sample_videos):
         "b.mp4,9,train,s2\n"
         "a.mp4,9,train,s3\n"  # the same file twice: one sample, one reject
         "b.mp4,,train,s4\n"  # no label
-        f"{sample_videos['bikes']},10,test,s5\n")
+        f"{sample_videos['bikes']},10,test,s5\n"
+    )
     out = str(tmp_path / "train")
     index = pack(str(tmp_path / "m.csv"), out, CFG, split="train", progress=False).index
     records = {r["source"]: r for r in _records(out)}
@@ -297,8 +329,9 @@ def test_manifest_csv_with_split_meta_and_bad_rows(tmp_path, sample_videos):
 
 
 def test_manifest_jsonl_and_missing_columns(tmp_path, sample_videos):
-    (tmp_path / "m.jsonl").write_text(json.dumps({"path": str(sample_videos["bikes"]), "label": "x"}) + "\n"
-                                      + "{broken json\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": str(sample_videos["bikes"]), "label": "x"}) + "\n" + "{broken json\n"
+    )
     out = str(tmp_path / "out")
     index = pack(str(tmp_path / "m.jsonl"), out, CFG, progress=False).index
     assert (index["samples"], index["rejected"]) == (1, 1)
@@ -329,9 +362,11 @@ def test_pack_to_s3_and_read_back(class_folders, bucket, sample_videos):
     assert names == {"index.json", "rejects.jsonl"} | {s["name"] for s in index["shards"]}
     assert index["samples"] + index["rejected"] == index["inputs"]
     # webdataset reads the published objects through a pipe to our storage layer
-    urls = [f"pipe:{sys.executable} -c \"import sys; from dclr_dist import storage; "
-            f"sys.stdout.buffer.write(storage.read_bytes('{storage.join(out, s['name'])}'))\""
-            for s in index["shards"]]
+    urls = [
+        f'pipe:{sys.executable} -c "import sys; from dclr_dist import storage; '
+        f"sys.stdout.buffer.write(storage.read_bytes('{storage.join(out, s['name'])}'))\""
+        for s in index["shards"]
+    ]
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert len(keys) == index["samples"] == 5
     assert len(_rejects(out)) == index["rejected"] == 7

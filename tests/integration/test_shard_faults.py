@@ -62,8 +62,13 @@ def long_video(tmp_path_factory, sample_videos) -> Path:
             for r in range(4):
                 for data, pts, dts, key in packets:
                     p = av.Packet(data)
-                    p.pts, p.dts, p.time_base, p.stream, p.is_keyframe = pts + r * step, dts + r * step, \
-                        stream.time_base, copy, key
+                    p.pts, p.dts, p.time_base, p.stream, p.is_keyframe = (
+                        pts + r * step,
+                        dts + r * step,
+                        stream.time_base,
+                        copy,
+                        key,
+                    )
                     out.mux(p)
     return path
 
@@ -101,6 +106,7 @@ def _accounted(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
 
 # --------------------------------------------------------------------------- input trees
 
+
 def test_input_tree_as_people_assemble_it(tmp_path, tiny):
     """Linked class folders and files are followed; every odd entry is a reject with its reason."""
     elsewhere = tmp_path / "elsewhere"
@@ -136,8 +142,13 @@ def test_input_tree_as_people_assemble_it(tmp_path, tiny):
         sock.close()
     packed, rejects = _accounted(out)
 
-    assert set(packed) == {"Archery/a1.mp4", "Archery/deeper/a2.mp4", "Archery/linked.mp4", "Diving/d1.mp4",
-                           "Archery/caf\\xe9.mp4"}
+    assert set(packed) == {
+        "Archery/a1.mp4",
+        "Archery/deeper/a2.mp4",
+        "Archery/linked.mp4",
+        "Diving/d1.mp4",
+        "Archery/caf\\xe9.mp4",
+    }
     expected = {
         "Archery/again.mp4": "duplicate: the same file as Archery/a1.mp4",
         "Archery/deeper/loop": "symlink loop",
@@ -160,6 +171,7 @@ def test_input_tree_as_people_assemble_it(tmp_path, tiny):
 
 # --------------------------------------------------------------------------- manifests
 
+
 def _videos(folder: Path, tiny: Path, names: list[str]) -> None:
     for name in names:
         shutil.copyfile(tiny, folder / name)
@@ -168,14 +180,16 @@ def _videos(folder: Path, tiny: Path, names: list[str]) -> None:
 def test_manifest_as_a_spreadsheet_writes_it(tmp_path, tiny):
     """BOM, header case and spaces, CRLF, an unquoted comma, empty rows and cells: every row accounted for."""
     _videos(tmp_path, tiny, ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f.mp4"])
-    rows = [" Path,LABEL ,Split,scene",
-            "a.mp4,Playing guitar,train,s1",
-            'b.mp4,"Playing guitar, acoustic",train,s2',
-            "c.mp4,Playing guitar, acoustic,train,s3",  # unquoted comma: shifted, and crashed the packer
-            ",,,",  # a spreadsheet's empty row: not a row
-            "e.mp4,Singing,,s5",  # no split: under --split it was in no packing
-            "d.mp4,Singing,test,s6",
-            "f.mp4,Singing,train,s7,,"]  # trailing empty cells, as spreadsheets write them
+    rows = [
+        " Path,LABEL ,Split,scene",
+        "a.mp4,Playing guitar,train,s1",
+        'b.mp4,"Playing guitar, acoustic",train,s2',
+        "c.mp4,Playing guitar, acoustic,train,s3",  # unquoted comma: shifted, and crashed the packer
+        ",,,",  # a spreadsheet's empty row: not a row
+        "e.mp4,Singing,,s5",  # no split: under --split it was in no packing
+        "d.mp4,Singing,test,s6",
+        "f.mp4,Singing,train,s7,,",
+    ]  # trailing empty cells, as spreadsheets write them
     (tmp_path / "m.csv").write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode())
     out = tmp_path / "train"
     index = pack(str(tmp_path / "m.csv"), str(out), CFG, split="train", progress=False).index
@@ -184,7 +198,8 @@ def test_manifest_as_a_spreadsheet_writes_it(tmp_path, tiny):
     assert packed["b.mp4"]["class"] == "Playing guitar, acoustic" and packed["a.mp4"]["meta"] == {"scene": "s1"}
     assert rejects == {
         "c.mp4": "bad row: m.csv line 4 has 5 fields where the header has 4 (a ',' inside a value? quote the value)",
-        "e.mp4": "no split: m.csv line 6 names none, and --split train packs the rows of split train"}
+        "e.mp4": "no split: m.csv line 6 names none, and --split train packs the rows of split train",
+    }
     assert index["classes"] == ["Playing guitar", "Playing guitar, acoustic", "Singing"]
     assert index["reject_reasons"] == {"bad row": 1, "no split": 1}
     # the test packing rejects the shifted row too: its split is unknown
@@ -194,27 +209,40 @@ def test_manifest_as_a_spreadsheet_writes_it(tmp_path, tiny):
     # ';'-separated (spreadsheets in many locales), a header with unnamed columns, JSONL with a BOM
     (tmp_path / "semi.csv").write_text("PATH;Label;;\na.mp4;x;;\nb.mp4;y; z;\n")
     inputs, _ = list_inputs(str(tmp_path / "semi.csv"))
-    assert [i.problem for i in inputs] == [None, "bad row: semi.csv line 3 has a value in a column the header "
-                                                 "does not name (a ';' inside a value? quote the value)"]
-    (tmp_path / "m.jsonl").write_bytes("\ufeff".encode() + b'{"Path": "a.mp4", " label": "x"}\n'
-                                       b'{"path": "b.mp4", "label": ["x"]}\n[1]\n')
+    assert [i.problem for i in inputs] == [
+        None,
+        "bad row: semi.csv line 3 has a value in a column the header "
+        "does not name (a ';' inside a value? quote the value)",
+    ]
+    (tmp_path / "m.jsonl").write_bytes(
+        "\ufeff".encode() + b'{"Path": "a.mp4", " label": "x"}\n{"path": "b.mp4", "label": ["x"]}\n[1]\n'
+    )
     inputs, classes = list_inputs(str(tmp_path / "m.jsonl"))
     assert classes == ["x"] and inputs[0].problem is None
     assert inputs[1].problem == 'bad row: m.jsonl line 2: label must be text, got ["x"]'
     assert inputs[2].problem == "bad row: m.jsonl line 3 is not a JSON object (found a list)"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("path,label\na.mp4,caf\xe9\n".encode("cp1252"),
-     "m.csv: line 2 is not UTF-8 (byte 0xe9); save the manifest as UTF-8"),
-    (b"path,label,Label\na.mp4,x,y\n", "m.csv: the header names the column 'label' twice (columns 2 and 3)"),
-    (b"a.mp4,x\n", "m.csv: the header must name the columns path,label[,split]; missing label, path "
-                   "(first line: 'a.mp4,x')"),
-    (b'path,label\n"a.mp4,x\n', "m.csv: line 2: unexpected end of data; check the quotes on that line"),
-    (b'path,label\na.mp4,"x\nb.mp4,y"\nc.mp4,z\n', "m.csv: line 2: a quoted value runs on to line 3, taking the "
-                                                    "rows between with it"),
-    (b"path,label\na.mp4,x\n", "m.csv: no inputs with split 'train' (it names no splits)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "path,label\na.mp4,caf\xe9\n".encode("cp1252"),
+            "m.csv: line 2 is not UTF-8 (byte 0xe9); save the manifest as UTF-8",
+        ),
+        (b"path,label,Label\na.mp4,x,y\n", "m.csv: the header names the column 'label' twice (columns 2 and 3)"),
+        (
+            b"a.mp4,x\n",
+            "m.csv: the header must name the columns path,label[,split]; missing label, path (first line: 'a.mp4,x')",
+        ),
+        (b'path,label\n"a.mp4,x\n', "m.csv: line 2: unexpected end of data; check the quotes on that line"),
+        (
+            b'path,label\na.mp4,"x\nb.mp4,y"\nc.mp4,z\n',
+            "m.csv: line 2: a quoted value runs on to line 3, taking the rows between with it",
+        ),
+        (b"path,label\na.mp4,x\n", "m.csv: no inputs with split 'train' (it names no splits)"),
+    ],
+)
 def test_manifest_refused_up_front_with_one_line(tmp_path, content, message, capsys):
     (tmp_path / "m.csv").write_bytes(content)
     assert main(["--input", str(tmp_path / "m.csv"), "--split", "train", "--output", str(tmp_path / "out")]) == 1
@@ -225,6 +253,7 @@ def test_manifest_refused_up_front_with_one_line(tmp_path, content, message, cap
 
 # --------------------------------------------------------------------------- resume
 
+
 def _corpus(root: Path, tiny: Path, n: int) -> Path:
     for k in range(n):
         (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
@@ -234,8 +263,10 @@ def _corpus(root: Path, tiny: Path, n: int) -> Path:
 
 def _interrupted(monkeypatch, corpus: Path, out: Path, cfg: ShardConfig) -> None:
     """Every shard published and recorded, then the run dies before index.json (injected)."""
+
     def die(*args, **kwargs):
         raise KeyboardInterrupt
+
     with monkeypatch.context() as m:
         m.setattr(pack_module, "_finish", die)
         with pytest.raises(KeyboardInterrupt):
@@ -254,8 +285,9 @@ def test_resume_redoes_a_damaged_kept_shard(tmp_path, tiny, monkeypatch):
     damaged.write_bytes(bytes(damaged.stat().st_size))
     result = pack(str(corpus), str(out), CFG, progress=False)
     assert result.resumed_shards == 1
-    assert result.redone == ("shard-000001.tar does not hold the bytes that were written (sha256); packed it and "
-                             "the shards after it again")
+    assert result.redone == (
+        "shard-000001.tar does not hold the bytes that were written (sha256); packed it and the shards after it again"
+    )
     _accounted(out)  # sizes and sha256 in index.json are the files'
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     for p in reference.iterdir():
@@ -266,8 +298,7 @@ def test_resume_redoes_a_damaged_kept_shard(tmp_path, tiny, monkeypatch):
     _interrupted(monkeypatch, corpus, out2, CFG)
     cut = out2 / "shard-000002.tar"
     cut.write_bytes(cut.read_bytes()[:1000])
-    assert pack(str(corpus), str(out2), CFG, progress=False).redone.startswith(
-        "shard-000002.tar has 1000 bytes where ")
+    assert pack(str(corpus), str(out2), CFG, progress=False).redone.startswith("shard-000002.tar has 1000 bytes where ")
     assert (out2 / "index.json").read_bytes() == (reference / "index.json").read_bytes()
 
 
@@ -283,9 +314,11 @@ def test_changed_inputs_are_noticed_on_resume_and_after_finishing(tmp_path, tiny
     size = (corpus / changed).stat().st_size
     with pytest.raises(PackError) as e:
         pack(str(corpus), str(out), CFG, progress=False)
-    assert str(e.value) == (f"{changed} changed since the interrupted run packed it into shard-000000.tar "
-                            f"({tiny.stat().st_size} bytes then, {size} now); pass --overwrite to pack the "
-                            "current files")
+    assert str(e.value) == (
+        f"{changed} changed since the interrupted run packed it into shard-000000.tar "
+        f"({tiny.stat().st_size} bytes then, {size} now); pass --overwrite to pack the "
+        "current files"
+    )
 
     finished = tmp_path / "finished"
     pack(str(corpus), str(finished), CFG, progress=False)
@@ -297,8 +330,11 @@ def test_changed_inputs_are_noticed_on_resume_and_after_finishing(tmp_path, tiny
     os.utime(corpus / changed, ns=(st.st_atime_ns, st.st_mtime_ns))
     shard = finished / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:512])
-    with pytest.raises(PackError, match=r"shard-000001.tar has 512 bytes where index.json says \d+: the packing "
-                                        "was damaged after it finished; pass --overwrite"):
+    with pytest.raises(
+        PackError,
+        match=r"shard-000001.tar has 512 bytes where index.json says \d+: the packing "
+        "was damaged after it finished; pass --overwrite",
+    ):
         pack(str(corpus), str(finished), CFG, progress=False)
 
 
@@ -326,6 +362,7 @@ def test_shards_reach_the_disk_before_they_are_renamed_into_place(tmp_path, tiny
 
 # --------------------------------------------------------------------------- dying and stalling transcoders
 
+
 def _holding(proc: psutil.Process, path: str) -> psutil.Process | None:
     for child in proc.children(recursive=True):
         try:
@@ -341,9 +378,26 @@ def test_a_killed_transcoder_costs_one_input_not_the_run(tmp_path, tiny, long_vi
     shutil.copyfile(long_video, corpus / "c0" / "killer.mp4")
     target = os.path.realpath(corpus / "c0" / "killer.mp4")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "dclr_dist.shard", "--input", str(corpus), "--output", str(out),
-                             "--short-side", "32", "--workers", "2", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dclr_dist.shard",
+            "--input",
+            str(corpus),
+            "--output",
+            str(out),
+            "--short-side",
+            "32",
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         packer, killed = psutil.Process(proc.pid), []
         deadline = time.monotonic() + 120
@@ -361,8 +415,10 @@ def test_a_killed_transcoder_costs_one_input_not_the_run(tmp_path, tiny, long_vi
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     packed, rejects = _accounted(out)
     assert len(packed) == 4 and set(rejects) == {"c0/killer.mp4"}
-    assert rejects["c0/killer.mp4"] == ("transcoder died: the process transcoding it was killed by SIGKILL, twice "
-                                        "(out of memory, or a crash in the decoder)")
+    assert rejects["c0/killer.mp4"] == (
+        "transcoder died: the process transcoding it was killed by SIGKILL, twice "
+        "(out of memory, or a crash in the decoder)"
+    )
     assert "rejected 1 inputs (1 transcoder died)" in stdout
 
 
@@ -377,26 +433,33 @@ def test_an_input_whose_read_never_returns_is_rejected_at_the_time_limit(tmp_pat
     out = tmp_path / "out"
     start = time.monotonic()
     try:
-        pack(str(tmp_path / "m.csv"), str(out), ShardConfig(short_side=32, input_timeout=2), workers=2,
-             progress=False)
+        pack(str(tmp_path / "m.csv"), str(out), ShardConfig(short_side=32, input_timeout=2), workers=2, progress=False)
     finally:
         silent.close()
     assert time.monotonic() - start < 30
     packed, rejects = _accounted(out)
-    assert len(packed) == 3 and rejects == {"s3://bucket/hangs.mp4": (
-        "timed out: not transcoded within shard.input_timeout = 2 s (a read that never returns, or a very long "
-        "or large video: raise the limit to pack it)")}
+    assert len(packed) == 3 and rejects == {
+        "s3://bucket/hangs.mp4": (
+            "timed out: not transcoded within shard.input_timeout = 2 s (a read that never returns, or a very long "
+            "or large video: raise the limit to pack it)"
+        )
+    }
 
 
 # --------------------------------------------------------------------------- where the output goes
 
+
 def test_output_that_is_a_file_or_inside_the_input_is_refused(tmp_path, tiny, capsys):
     corpus = _corpus(tmp_path / "in", tiny, 2)
     (tmp_path / "file").write_text("x")
-    for output, message in ((tmp_path / "file", f"error: {tmp_path / 'file'}: is a file, not a folder; choose "
-                                                 "another --output\n"),
-                            (corpus / "out", f"error: {corpus / 'out'}: inside the input folder {corpus}, so the next "
-                                             "run would read its shards as videos; choose an --output outside it\n")):
+    for output, message in (
+        (tmp_path / "file", f"error: {tmp_path / 'file'}: is a file, not a folder; choose another --output\n"),
+        (
+            corpus / "out",
+            f"error: {corpus / 'out'}: inside the input folder {corpus}, so the next "
+            "run would read its shards as videos; choose an --output outside it\n",
+        ),
+    ):
         assert main(["--input", str(corpus), "--output", str(output)]) == 1
         assert capsys.readouterr().err == message
     assert not (corpus / "out").exists()
@@ -418,8 +481,10 @@ def test_full_disk_and_read_only_output_are_one_line_errors_and_the_rerun_resume
     pack(str(corpus), str(reference), ShardConfig(short_side=32, max_samples=1), progress=False)
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
-    pack_cmd = (f"{sys.executable} -m dclr_dist.shard --input {corpus} --output {disk}/out --short-side 32 "
-                f"--max-samples 1 --workers 1 --no-progress")
+    pack_cmd = (
+        f"{sys.executable} -m dclr_dist.shard --input {corpus} --output {disk}/out --short-side 32 "
+        f"--max-samples 1 --workers 1 --no-progress"
+    )
     r = _in_tmpfs(f"""
         mount -t tmpfs -o size=24k tmpfs {disk} || exit 90
         {pack_cmd} 2> {tmp_path}/full.err; echo "exit $?" >> {tmp_path}/full.err
@@ -430,8 +495,10 @@ def test_full_disk_and_read_only_output_are_one_line_errors_and_the_rerun_resume
     """)
     assert r.returncode == 0, r.stderr
     full = (tmp_path / "full.err").read_text()
-    assert full.startswith(f"error: {disk}/out: No space left on device while writing the shards; free some "
-                           "space, then re-run the same command: the shards finished so far are kept\n"), full
+    assert full.startswith(
+        f"error: {disk}/out: No space left on device while writing the shards; free some "
+        "space, then re-run the same command: the shards finished so far are kept\n"
+    ), full
     assert full.endswith("exit 1\n") and full.count("\n") == 2
     left = (tmp_path / "left.txt").read_text().split()
     assert "shard-000000.tar" in left and not [n for n in left if n.endswith(".tmp")], left  # no half shard left
@@ -444,20 +511,40 @@ def test_full_disk_and_read_only_output_are_one_line_errors_and_the_rerun_resume
 
 # --------------------------------------------------------------------------- S3
 
+
 def test_s3_upload_refused_or_bucket_gone_is_one_line(tmp_path, tiny, bucket, capsys):
     import boto3
 
     corpus = _corpus(tmp_path / "in", tiny, 3)
     name = bucket.removeprefix("s3://")
     s3 = boto3.client("s3")
-    s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
-        "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{name}/x/shard-*"}]}))
+    s3.put_bucket_policy(
+        Bucket=name,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "s3:PutObject",
+                        "Resource": f"arn:aws:s3:::{name}/x/shard-*",
+                    }
+                ],
+            }
+        ),
+    )
     argv = ["--input", str(corpus), "--short-side", "32", "--workers", "1", "--no-progress", "--output"]
     assert main([*argv, f"{bucket}/x"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bucket}/x/shard-000000.tar: upload failed (403): access denied; check "
-                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the bucket policy allows s3:PutObject, "
-                          "then re-run the same command to resume") and err.count("\n") == 1, err
+    assert (
+        err.startswith(
+            f"error: {bucket}/x/shard-000000.tar: upload failed (403): access denied; check "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the bucket policy allows s3:PutObject, "
+            "then re-run the same command to resume"
+        )
+        and err.count("\n") == 1
+    ), err
     s3.delete_bucket_policy(Bucket=name)
 
     def delete_bucket_once_the_run_has_begun():
@@ -475,5 +562,7 @@ def test_s3_upload_refused_or_bucket_gone_is_one_line(tmp_path, tiny, bucket, ca
     assert main([*argv, f"{bucket}/y"]) == 1  # the workers start slower than the bucket goes
     deleter.join(timeout=60)
     err = capsys.readouterr().err
-    assert err == (f"error: {bucket}/y/shard-000000.tar: upload failed (NoSuchBucket): the bucket does not exist "
-                   "(deleted while packing?); create it, then re-run the same command to resume\n"), err
+    assert err == (
+        f"error: {bucket}/y/shard-000000.tar: upload failed (NoSuchBucket): the bucket does not exist "
+        "(deleted while packing?); create it, then re-run the same command to resume\n"
+    ), err

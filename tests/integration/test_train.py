@@ -14,10 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import TINY, local_ray
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
-from helpers import TINY, local_ray
+
 
 @pytest.fixture(scope="module")
 def ray_local(s3_endpoint):
@@ -28,12 +29,23 @@ def ray_local(s3_endpoint):
 
 
 def _cfg(shards, tmp_path, *extra):
-    return load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"data.eval=[{shards['test']}]",
-                              f"train.storage_path={tmp_path / 'runs'}", *extra])
+    return load_config(
+        None,
+        [
+            *TINY,
+            f"data.train=[{shards['train']}]",
+            f"data.eval=[{shards['test']}]",
+            f"train.storage_path={tmp_path / 'runs'}",
+            *extra,
+        ],
+    )
 
 
 def _metrics(run: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_bytes(storage.join(run, "metrics/metrics.jsonl")).decode().splitlines()]
+    return [
+        json.loads(line)
+        for line in storage.read_bytes(storage.join(run, "metrics/metrics.jsonl")).decode().splitlines()
+    ]
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
@@ -54,7 +66,8 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
     rows = _metrics(run)
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
     assert {"lr", "samples_per_s", "samples_per_s_worker", "data_wait", "memory_mb", "vv", "align"} <= set(
-        next(r for r in rows if r["kind"] == "step"))
+        next(r for r in rows if r["kind"] == "step")
+    )
     assert any(p.name.startswith("events.out.tfevents") for p in (Path(run) / "metrics").iterdir())
 
     ckpt = Path(result.checkpoint.path)
@@ -88,8 +101,11 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, shards, tmp_path):
         torch.testing.assert_close(epoch5[k], epoch4[k], rtol=0, atol=1e-6)
 
     # another ZeRO stage cannot load the checkpoint: a clear error before any worker starts
-    with pytest.raises(ValueError, match=r"written with engine.zero_stage=0 and this run has 1: .* "
-                                         r"Set engine.zero_stage=0 to resume it, or choose a new train.name"):
+    with pytest.raises(
+        ValueError,
+        match=r"written with engine.zero_stage=0 and this run has 1: .* "
+        r"Set engine.zero_stage=0 to resume it, or choose a new train.name",
+    ):
         fit(_cfg(shards, tmp_path, "train.name=two", "train.epochs=6", "cluster.workers=1", "engine.zero_stage=1"))
 
 
@@ -99,8 +115,11 @@ def test_zero_shards_refuse_another_worker_count_before_any_worker_starts(shards
     run = tmp_path / "runs" / "sharded"
     run.mkdir(parents=True)
     (run / "latest.json").write_text(json.dumps({"world_size": 2, "epoch": 1, "metrics": {"zero_stage": 2}}))
-    with pytest.raises(ValueError, match=r"written by 2 workers at ZeRO stage 2 and this run has 1: ZeRO-2 optimizer "
-                                         r"shards do not re-partition .* Set cluster.workers=2 to resume it"):
+    with pytest.raises(
+        ValueError,
+        match=r"written by 2 workers at ZeRO stage 2 and this run has 1: ZeRO-2 optimizer "
+        r"shards do not re-partition .* Set cluster.workers=2 to resume it",
+    ):
         fit(_cfg(shards, tmp_path, "train.name=sharded", "cluster.workers=1", "engine.zero_stage=2"))
 
 
@@ -110,17 +129,36 @@ def test_checkpoints_by_time_upload_in_the_background_and_leave_no_staging(ray_l
     from dclr_dist.train import fit
 
     def checkpointed(run: Path) -> list[int]:
-        return sorted(json.loads((p / "meta.json").read_text())["epoch"] for p in run.glob("checkpoint_*") if p.is_dir())
+        return sorted(
+            json.loads((p / "meta.json").read_text())["epoch"] for p in run.glob("checkpoint_*") if p.is_dir()
+        )
 
     run = tmp_path / "runs" / "minutes"
     # Not by epochs; a due time of 6 ms: every epoch end is past it.
-    fit(_cfg(shards, tmp_path, "train.name=minutes", "checkpoint.every=0", "checkpoint.minutes=0.0001",
-             "checkpoint.keep=3"))
+    fit(
+        _cfg(
+            shards,
+            tmp_path,
+            "train.name=minutes",
+            "checkpoint.every=0",
+            "checkpoint.minutes=0.0001",
+            "checkpoint.keep=3",
+        )
+    )
     assert checkpointed(run) == [1, 2, 3]
     assert json.loads((run / "latest.json").read_text())["epoch"] == 3
     # An hour apart: only the last epoch (5) is checkpointed after the resume, not 4.
-    result = fit(_cfg(shards, tmp_path, "train.name=minutes", "train.epochs=5", "checkpoint.every=0",
-                      "checkpoint.minutes=60", "checkpoint.keep=3"))
+    result = fit(
+        _cfg(
+            shards,
+            tmp_path,
+            "train.name=minutes",
+            "train.epochs=5",
+            "checkpoint.every=0",
+            "checkpoint.minutes=60",
+            "checkpoint.keep=3",
+        )
+    )
     assert result.metrics["epoch"] == 5 and checkpointed(run) == [2, 3, 5]
     assert json.loads((run / "latest.json").read_text())["epoch"] == 5
     # The workers staged each checkpoint in a folder of their temp dir that Ray removed once uploaded.
@@ -131,8 +169,17 @@ def test_checkpoints_by_time_upload_in_the_background_and_leave_no_staging(ray_l
 def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, shards, bucket):
     from dclr_dist.train import fit
 
-    cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"train.storage_path={bucket}/runs",
-                             "train.name=killed", "train.epochs=6", "cluster.max_failures=2"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.train=[{shards['train']}]",
+            f"train.storage_path={bucket}/runs",
+            "train.name=killed",
+            "train.epochs=6",
+            "cluster.max_failures=2",
+        ],
+    )
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
@@ -165,13 +212,20 @@ def test_kill_a_worker_on_s3_storage_resumes_to_the_same_final_step(ray_local, s
 
 def _list_dirs(url: str) -> set[str]:
     bucket, key = storage.split_s3(url)
-    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/", Delimiter="/")
-    return {p["Prefix"][len(key) + 1:].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])}
+    pages = (
+        storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/", Delimiter="/")
+    )
+    return {p["Prefix"][len(key) + 1 :].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])}
 
 
 def _run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "dclr_dist.train", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dclr_dist.train", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
@@ -192,9 +246,13 @@ def test_bad_config_fails_fast_naming_the_problem(tmp_path, shards):
 def test_a_failed_run_is_summarised_in_one_line_by_the_workers_error():
     from dclr_dist.launch import failure_summary
 
-    ray_text = ("Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
-                '  File "train.py", line 3, in train_loop\nray.train.WorkerGroupError: Training failed due to worker '
-                "errors:\nValueError: shard-000003.tar: no such object\n")
+    ray_text = (
+        "Training failed due to worker errors:\n[Rank 0,1 Error Snippet]:\nTraceback (most recent call last):\n"
+        '  File "train.py", line 3, in train_loop\nray.train.WorkerGroupError: Training failed due to worker '
+        "errors:\nValueError: shard-000003.tar: no such object\n"
+    )
     assert failure_summary(RuntimeError(ray_text)) == "ValueError: shard-000003.tar: no such object"
-    assert failure_summary(RuntimeError("Training failed due to worker errors:\n")) == \
-        "Training failed due to worker errors:"
+    assert (
+        failure_summary(RuntimeError("Training failed due to worker errors:\n"))
+        == "Training failed due to worker errors:"
+    )

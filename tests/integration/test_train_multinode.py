@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import TINY
 
 from dclr_dist.config import load_config
-from helpers import TINY
 
 
 @pytest.fixture
@@ -31,8 +31,16 @@ def two_nodes():
 def test_workers_on_two_nodes_share_negatives(two_nodes, shards, tmp_path):
     from dclr_dist.train import fit
 
-    cfg = load_config(None, [*TINY, f"data.train=[{shards['train']}]", f"train.storage_path={tmp_path}",
-                             "train.name=nodes", "train.epochs=2"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.train=[{shards['train']}]",
+            f"train.storage_path={tmp_path}",
+            "train.name=nodes",
+            "train.epochs=2",
+        ],
+    )
     result = fit(cfg)
     assert result.error is None
     m = result.metrics

@@ -15,17 +15,20 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("text, message", [
-    ("shard:\n  crff: 1\n", "c.yaml: unknown key 'shard.crff' (did you mean 'crf'?)"),
-    ("shardd:\n  crf: 1\n", "c.yaml: unknown key 'shardd' (did you mean 'shard'?)"),
-    ("shard:\n  crf: high\n", "c.yaml: shard.crf must be int, got str 'high'"),
-    ("shard:\n  crf: 1.5\n", "c.yaml: shard.crf must be int, got float 1.5"),
-    ("shard:\n  crf: true\n", "c.yaml: shard.crf must be int, got bool True"),
-    ("shard:\n  short_side: 129\n", "c.yaml: shard.short_side must be an even number"),
-    ("shard: 3\n", "c.yaml: shard must be a mapping, got int"),
-    ("- a\n", "c.yaml: top level must be a mapping"),
-    ("shard: [\n", "c.yaml: not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("shard:\n  crff: 1\n", "c.yaml: unknown key 'shard.crff' (did you mean 'crf'?)"),
+        ("shardd:\n  crf: 1\n", "c.yaml: unknown key 'shardd' (did you mean 'shard'?)"),
+        ("shard:\n  crf: high\n", "c.yaml: shard.crf must be int, got str 'high'"),
+        ("shard:\n  crf: 1.5\n", "c.yaml: shard.crf must be int, got float 1.5"),
+        ("shard:\n  crf: true\n", "c.yaml: shard.crf must be int, got bool True"),
+        ("shard:\n  short_side: 129\n", "c.yaml: shard.short_side must be an even number"),
+        ("shard: 3\n", "c.yaml: shard must be a mapping, got int"),
+        ("- a\n", "c.yaml: top level must be a mapping"),
+        ("shard: [\n", "c.yaml: not valid YAML"),
+    ],
+)
 def test_file_errors_name_key_and_file(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -34,13 +37,16 @@ def test_file_errors_name_key_and_file(tmp_path, text, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("shard.crf", "must look like section.key=value"),
-    ("shard.crf=abc", "command line: shard.crf must be int, got str 'abc'"),
-    ("shard.cfr=20", "command line: unknown key 'shard.cfr' (did you mean 'crf'?) in section 'shard'"),
-    ("shard.crf.x=1", "shard.crf is not a section"),
-    ("nope=1", "unknown key 'nope'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("shard.crf", "must look like section.key=value"),
+        ("shard.crf=abc", "command line: shard.crf must be int, got str 'abc'"),
+        ("shard.cfr=20", "command line: unknown key 'shard.cfr' (did you mean 'crf'?) in section 'shard'"),
+        ("shard.crf.x=1", "shard.crf is not a section"),
+        ("nope=1", "unknown key 'nope'"),
+    ],
+)
 def test_override_errors(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -57,8 +63,11 @@ def test_keys_that_moved_to_their_owners_section(tmp_path):
     name; a saved tree (an older checkpoint's meta.json) is read in today's keys."""
     path = tmp_path / "old.yaml"
     path.write_text("train:\n  workers: 4\n")
-    with pytest.raises(ConfigError, match=r"old.yaml: unknown key 'train.workers' \(train.workers is now "
-                                          r"cluster.workers: rename it\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"old.yaml: unknown key 'train.workers' \(train.workers is now "
+        r"cluster.workers: rename it\)",
+    ):
         load_config(path)
     with pytest.raises(ConfigError, match=r"'eval.t' \(eval.t is now eval.knn_temperature"):
         load_config(None, ["eval.t=0.1"])
@@ -69,5 +78,11 @@ def test_keys_that_moved_to_their_owners_section(tmp_path):
     for section in ("cluster", "optim", "engine", "checkpoint", "finetune"):
         del old[section]
     cfg = config_from_dict(old)
-    assert (cfg.cluster.workers, cfg.engine.zero_stage, cfg.optim.lr, cfg.checkpoint.every, cfg.finetune.lr,
-            cfg.model.momentum) == (4, 1, 0.5, 3, 0.2, 0.999)
+    assert (
+        cfg.cluster.workers,
+        cfg.engine.zero_stage,
+        cfg.optim.lr,
+        cfg.checkpoint.every,
+        cfg.finetune.lr,
+        cfg.model.momentum,
+    ) == (4, 1, 0.5, 3, 0.2, 0.999)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dclr_dist.config import load_config
-from dclr_dist.model import VIEWS
 from dclr_dist.engine import BUCKET_ELEMENTS, build
+from dclr_dist.model import VIEWS
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,9 @@ def process_group():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0"})
+        os.environ.update(
+            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        )
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()  # later tests expect a process without one
@@ -32,9 +33,21 @@ def process_group():
 
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
 def test_engine_steps_in_each_precision_and_zero_stage(process_group, precision, stage):
-    cfg = load_config(None, ["model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=32",
-                             "data.batch_size=4", f"engine.precision={precision}", f"engine.zero_stage={stage}",
-                             "optim.grad_clip=1.0", "optim.lr=0.1", "optim.ref_batch=4"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=tiny",
+            "model.width=8",
+            "model.dim=16",
+            "loss.queue_size=32",
+            "data.batch_size=4",
+            f"engine.precision={precision}",
+            f"engine.zero_stage={stage}",
+            "optim.grad_clip=1.0",
+            "optim.lr=0.1",
+            "optim.ref_batch=4",
+        ],
+    )
     torch.manual_seed(0)
     engine, criterion = build(cfg, world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
     batch = {name: torch.randn(4, 3, 4, 32, 32) for name in VIEWS}
@@ -57,8 +70,19 @@ def test_engine_steps_in_each_precision_and_zero_stage(process_group, precision,
 
 
 def _tiny(*extra):
-    return load_config(None, ["model.arch=tiny", "model.width=8", "model.dim=16", "loss.queue_size=32",
-                              "data.batch_size=4", "optim.lr=0.1", "optim.ref_batch=4", *extra])
+    return load_config(
+        None,
+        [
+            "model.arch=tiny",
+            "model.width=8",
+            "model.dim=16",
+            "loss.queue_size=32",
+            "data.batch_size=4",
+            "optim.lr=0.1",
+            "optim.ref_batch=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -81,8 +105,12 @@ def test_speed_switches_apply_and_leave_the_state_dict_keys(process_group):
 
     keys = list(DCLR("tiny", width=8, dim=16).state_dict())
     try:
-        engine, _ = build(_tiny("engine.cudnn_benchmark=true", "engine.channels_last=true", "engine.compile=true"),
-                          world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
+        engine, _ = build(
+            _tiny("engine.cudnn_benchmark=true", "engine.channels_last=true", "engine.compile=true"),
+            world_size=1,
+            steps_per_epoch=4,
+            device=torch.device("cpu"),
+        )
         assert torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = False
@@ -99,12 +127,12 @@ def test_stage_0_reduces_each_bucket_while_backward_runs(process_group, monkeypa
     import dclr_dist.engine
 
     monkeypatch.setattr(dclr_dist.engine, "BUCKET_ELEMENTS", 20_000)  # several buckets on the tiny model
-    engine, criterion = build(_tiny("train.grad_accum=2"), world_size=1, steps_per_epoch=4,
-                              device=torch.device("cpu"))
+    engine, criterion = build(_tiny("train.grad_accum=2"), world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
     events = []
     reduce = dist.all_reduce
-    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **kw: events.append(("reduce", t.numel())) or
-                        reduce(t, *a, **kw))
+    monkeypatch.setattr(
+        dist, "all_reduce", lambda t, *a, **kw: events.append(("reduce", t.numel())) or reduce(t, *a, **kw)
+    )
     first = next(p for p in engine.module.parameters() if p.requires_grad)  # the first layer: the last gradient
     first.register_post_accumulate_grad_hook(lambda p: events.append(("first layer's gradient", p.numel())))
     batch = {name: torch.randn(4, 3, 4, 32, 32) for name in VIEWS}
@@ -132,16 +160,26 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from dclr_dist.model import DCLR
 
     torch.set_num_threads(1)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": "0",
+        }
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own batches
     batches = [{n: torch.randn(4, 3, 4, 32, 32, generator=g) for n in VIEWS} for _ in range(4)]
     results = {}
     try:
         for name, stage, accum, channels_last in DP_CASES:
-            cfg = _tiny(f"engine.zero_stage={stage}", f"train.grad_accum={accum}",
-                        f"engine.channels_last={str(channels_last).lower()}")
+            cfg = _tiny(
+                f"engine.zero_stage={stage}",
+                f"train.grad_accum={accum}",
+                f"engine.channels_last={str(channels_last).lower()}",
+            )
             torch.manual_seed(0)
             engine, criterion = build(cfg, world_size=world, steps_per_epoch=4, device=torch.device("cpu"))
             torch.manual_seed(0)
@@ -151,7 +189,7 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             params = [p for p in model.parameters() if p.requires_grad]
             sgd = torch.optim.SGD(params, lr=engine.get_lr()[0], momentum=0.9, weight_decay=1e-4)
             for step in range(2):
-                micro = batches[step * accum:(step + 1) * accum]
+                micro = batches[step * accum : (step + 1) * accum]
                 for batch in micro:
                     engine.backward(criterion(engine(batch))["loss"])
                     engine.step()
@@ -163,16 +201,18 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 sgd.zero_grad()
                 engine.module.momentum_update()
                 model.momentum_update()
-            results[name] = {"engine": {k: v.clone() for k, v in engine.module.state_dict().items()},
-                             "reference": model.state_dict(), "queue": (criterion.queue.clone(), ref_loss.queue)}
+            results[name] = {
+                "engine": {k: v.clone() for k, v in engine.module.state_dict().items()},
+                "reference": model.state_dict(),
+                "queue": (criterion.queue.clone(), ref_loss.queue),
+            }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 # (name, zero stage, gradient accumulation steps, channels_last)
-DP_CASES = [("stage 0", 0, 1, False), ("stage 0, accumulation 2, channels_last", 0, 2, True),
-            ("stage 2", 2, 1, False)]
+DP_CASES = [("stage 0", 0, 1, False), ("stage 0, accumulation 2, channels_last", 0, 2, True), ("stage 2", 2, 1, False)]
 
 
 def test_engines_on_two_ranks_train_like_plain_data_parallelism(tmp_path):
@@ -187,8 +227,9 @@ def test_engines_on_two_ranks_train_like_plain_data_parallelism(tmp_path):
         engine, reference = ranks[0][name]["engine"], ranks[0][name]["reference"]
         assert engine.keys() == reference.keys()
         for k in reference:
-            torch.testing.assert_close(engine[k], reference[k], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, k=k, name=name: f"{name}, {k}: {m}")
+            torch.testing.assert_close(
+                engine[k], reference[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k, name=name: f"{name}, {k}: {m}"
+            )
             if "running" not in k:  # the weights agree across ranks; batch norm statistics are each rank's own
                 torch.testing.assert_close(ranks[1][name]["engine"][k], engine[k], rtol=0, atol=0)
         torch.testing.assert_close(*ranks[0][name]["queue"])

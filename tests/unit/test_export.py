@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torchvision.models import video
 
+from dclr_dist.checkpoint import checkpoint_meta
 from dclr_dist.config import Config
 from dclr_dist.export import CLASSIFIER, ExportError, main, to_torchvision
 from dclr_dist.model import backbone, gap
-from dclr_dist.checkpoint import checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,9 +122,23 @@ def test_cli_exports_a_run_for_torchvision(tmp_path):
     run = tmp_path / "run"
     _checkpoint(run / "best", f, arch)  # the run folder: resolve_checkpoint finds best/
     out = tmp_path / "export" / "mc3_18_dclr.pt"
-    p = subprocess.run([sys.executable, "-m", "dclr_dist.export", "--checkpoint", str(run),
-                        "--format", "torchvision", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dclr_dist.export",
+            "--checkpoint",
+            str(run),
+            "--format",
+            "torchvision",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "fc.weight and fc.bias" in p.stdout
     _load_and_compare(torch.load(out, weights_only=True), arch, f)

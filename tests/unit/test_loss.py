@@ -67,9 +67,14 @@ def hand_case():
     dynamic probe (-0.8, -0.6) is nearest e1 (0.8 against -0.6), and so is their sum
     (0.8 against 0.4).
     """
-    out = {"q": unit(1, 0).expand(1, 5, 2), "k": unit(1, 0).expand(1, 5, 2),
-           "p": torch.stack([unit(0, 1), unit(-0.8, -0.6)]).unsqueeze(0),
-           "A_v": torch.ones(1, 1, 1, 2), "A_s": torch.ones(1, 1, 1, 2), "A_d": torch.tensor([0., 2.]).view(1, 1, 1, 2)}
+    out = {
+        "q": unit(1, 0).expand(1, 5, 2),
+        "k": unit(1, 0).expand(1, 5, 2),
+        "p": torch.stack([unit(0, 1), unit(-0.8, -0.6)]).unsqueeze(0),
+        "A_v": torch.ones(1, 1, 1, 2),
+        "A_s": torch.ones(1, 1, 1, 2),
+        "A_d": torch.tensor([0.0, 2.0]).view(1, 1, 1, 2),
+    }
     return out
 
 
@@ -81,8 +86,14 @@ def test_dclr_loss_hand_computed_multi_positive():
     e = math.exp  # scaled logits [2, 0, -2]
     with_e0 = -math.log((e(2) + e(0)) / (e(2) + e(0) + e(-2)))
     with_e1 = -math.log((e(2) + e(-2)) / (e(2) + e(0) + e(-2)))
-    expected = {"vv": with_e1, "v_s": with_e0, "s_v": with_e0, "v_d": with_e1, "d_v": with_e1,
-                "align": 0.25}  # A_v = (1, 1) against (A_s + A_d) / 2 = (0.5, 1.5)
+    expected = {
+        "vv": with_e1,
+        "v_s": with_e0,
+        "s_v": with_e0,
+        "v_d": with_e1,
+        "d_v": with_e1,
+        "align": 0.25,
+    }  # A_v = (1, 1) against (A_s + A_d) / 2 = (0.5, 1.5)
     assert {n: t.item() for n, t in terms.items() if n != "loss"} == pytest.approx(expected, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(with_e1 + 2 * 2 * with_e0 + 3 * 2 * with_e1 + 4 * 0.25, rel=1e-5)
     # the key entered the queue after the logits were taken, at the ring's next slot (0, e0's)
@@ -125,9 +136,14 @@ def test_vv_neighbours_rank_by_the_sum_of_softmaxes_as_released():
     criterion = DCLRLoss(dim=D, queue_size=K, tau=tau, topk=3).eval()
     criterion.queue.copy_(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1))
     criterion.queue_filled.fill_(K)
-    out = {"q": torch.randn(B, 5, D, generator=g), "k": torch.randn(B, 5, D, generator=g),
-           "p": torch.randn(B, 2, D, generator=g), "A_v": torch.ones(B, 1, 1, 2), "A_s": torch.ones(B, 1, 1, 2),
-           "A_d": torch.ones(B, 1, 1, 2)}
+    out = {
+        "q": torch.randn(B, 5, D, generator=g),
+        "k": torch.randn(B, 5, D, generator=g),
+        "p": torch.randn(B, 2, D, generator=g),
+        "A_v": torch.ones(B, 1, 1, 2),
+        "A_s": torch.ones(B, 1, 1, 2),
+        "A_d": torch.ones(B, 1, 1, 2),
+    }
     q, k, p = (F.normalize(out[n], dim=-1) for n in ("q", "k", "p"))
     sim_s, sim_d = p[:, 0] @ criterion.queue[:, 3].T, p[:, 1] @ criterion.queue[:, 4].T
     softmaxes = (sim_s.softmax(1) + sim_d.softmax(1)).topk(3, dim=1).indices
@@ -156,9 +172,14 @@ def test_no_cross_video_positive_before_the_warm_up_ends():
 
 def test_in_batch_mode_is_cross_entropy_over_the_batch():
     torch.manual_seed(0)
-    out = {"q": torch.randn(3, 5, 4, requires_grad=True), "k": torch.randn(3, 5, 4, requires_grad=True),
-           "p": torch.randn(3, 2, 4), "A_v": torch.ones(3, 1, 2, 2), "A_s": torch.ones(3, 1, 2, 2),
-           "A_d": torch.ones(3, 1, 2, 2)}
+    out = {
+        "q": torch.randn(3, 5, 4, requires_grad=True),
+        "k": torch.randn(3, 5, 4, requires_grad=True),
+        "p": torch.randn(3, 2, 4),
+        "A_v": torch.ones(3, 1, 2, 2),
+        "A_s": torch.ones(3, 1, 2, 2),
+        "A_d": torch.ones(3, 1, 2, 2),
+    }
     terms = DCLRLoss(dim=4, tau=0.1, topk=0, in_batch=True)(out)
     q, k = F.normalize(out["q"], dim=-1), F.normalize(out["k"], dim=-1)
     expected = F.cross_entropy(q[:, 1] @ k[:, 3].T / 0.1, torch.arange(3))  # L_v->s: g_vs(v) against g_sv(s')
@@ -207,8 +228,11 @@ def test_a_training_step_never_makes_the_host_wait(in_batch):
     cfg = ViewsConfig(frames=4, size=32)
     rng = np.random.default_rng(0)
     frames = torch.randint(0, 256, (4, 3, 5, 32, 32), dtype=torch.uint8)
-    raw = {"q": frames, "k": frames.clone(), "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, 32, 32)
-                                                                               for _ in range(4)]))}
+    raw = {
+        "q": frames,
+        "k": frames.clone(),
+        "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, 32, 32) for _ in range(4)])),
+    }
     model, criterion = DCLR("tiny", width=4, dim=8, in_batch=in_batch), DCLRLoss(dim=8, queue_size=8, in_batch=in_batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
@@ -223,9 +247,14 @@ def test_loss_computes_in_fp32_inside_a_bf16_autocast_region():
     # computation from the same bf16-rounded embeddings.
     g = torch.Generator().manual_seed(0)
     B, D, K = 8, 32, 64
-    out = {"q": torch.randn(B, 5, D, generator=g), "k": torch.randn(B, 5, D, generator=g),
-           "p": torch.randn(B, 2, D, generator=g), "A_v": torch.rand(B, 2, 4, 4, generator=g) + 0.5,
-           "A_s": torch.rand(B, 2, 4, 4, generator=g) + 0.5, "A_d": torch.rand(B, 2, 4, 4, generator=g) + 0.5}
+    out = {
+        "q": torch.randn(B, 5, D, generator=g),
+        "k": torch.randn(B, 5, D, generator=g),
+        "p": torch.randn(B, 2, D, generator=g),
+        "A_v": torch.rand(B, 2, 4, 4, generator=g) + 0.5,
+        "A_s": torch.rand(B, 2, 4, 4, generator=g) + 0.5,
+        "A_d": torch.rand(B, 2, 4, 4, generator=g) + 0.5,
+    }
     bf16 = {n: x.bfloat16() for n, x in out.items()}
     criterion = DCLRLoss(dim=D, queue_size=K, topk=2)
     criterion._enqueue(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1))

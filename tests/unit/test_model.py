@@ -13,13 +13,16 @@ def views(B=2, T=8, S=32):
     return {name: torch.randn(B, 3, T, S, S, generator=g) for name in VIEWS}
 
 
-@pytest.mark.parametrize("arch, width, x, fmap", [
-    ("tiny", 8, (2, 3, 8, 64, 64), (2, 64, 1, 4, 4)),
-    ("r2plus1d_18", 64, (1, 3, 8, 32, 32), (1, 512, 1, 2, 2)),
-    ("r3d_18", 64, (1, 3, 8, 32, 32), (1, 512, 1, 2, 2)),
-    ("mc3_18", 64, (1, 3, 8, 32, 32), (1, 512, 8, 2, 2)),
-    ("s3d", 64, (1, 3, 16, 64, 64), (1, 1024, 2, 2, 2)),
-])
+@pytest.mark.parametrize(
+    "arch, width, x, fmap",
+    [
+        ("tiny", 8, (2, 3, 8, 64, 64), (2, 64, 1, 4, 4)),
+        ("r2plus1d_18", 64, (1, 3, 8, 32, 32), (1, 512, 1, 2, 2)),
+        ("r3d_18", 64, (1, 3, 8, 32, 32), (1, 512, 1, 2, 2)),
+        ("mc3_18", 64, (1, 3, 8, 32, 32), (1, 512, 8, 2, 2)),
+        ("s3d", 64, (1, 3, 16, 64, 64), (1, 1024, 2, 2, 2)),
+    ],
+)
 def test_backbone_returns_final_stage_maps(arch, width, x, fmap):
     f, C = backbone(arch, width)
     with torch.no_grad():
@@ -42,24 +45,27 @@ def test_backbone_rejects_unknown_arch_and_width():
 
 
 def test_activation_map_is_channel_sum_over_its_mean():
-    f = torch.tensor([[1., 2., 3., 2.], [1., 0., 1., 2.]]).view(1, 2, 1, 1, 4)  # (B, C, T', H', W')
+    f = torch.tensor([[1.0, 2.0, 3.0, 2.0], [1.0, 0.0, 1.0, 2.0]]).view(1, 2, 1, 1, 4)  # (B, C, T', H', W')
     # channel sum [2, 2, 4, 4], mean 3
     torch.testing.assert_close(activation_map(f), torch.tensor([2 / 3, 2 / 3, 4 / 3, 4 / 3]).view(1, 1, 1, 4))
 
 
 def test_pool_soft_weights_is_gap_of_weighted_map():
-    f = torch.tensor([1., 2., 3., 4.]).view(1, 1, 1, 1, 4)
-    A = torch.tensor([0., 0., 2., 2.]).view(1, 1, 1, 4)
+    f = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 1, 4)
+    A = torch.tensor([0.0, 0.0, 2.0, 2.0]).view(1, 1, 1, 4)
     assert pool(f, A, None).item() == pytest.approx((3 * 2 + 4 * 2) / 4)
 
 
-@pytest.mark.parametrize("A, threshold, expected", [
-    ([0.5, 0.5, 1.5, 1.5], 1.0, (3 + 4) / 2),  # average over the kept positions
-    ([0.5, 0.5, 1.5, 1.5], 0.0, (1 + 2 + 3 + 4) / 4),  # everything kept: GAP
-    ([0.2, 0.8, 1.6, 1.4], 2.0, 3.0),  # above the peak: the peak alone, never an empty set
-])
+@pytest.mark.parametrize(
+    "A, threshold, expected",
+    [
+        ([0.5, 0.5, 1.5, 1.5], 1.0, (3 + 4) / 2),  # average over the kept positions
+        ([0.5, 0.5, 1.5, 1.5], 0.0, (1 + 2 + 3 + 4) / 4),  # everything kept: GAP
+        ([0.2, 0.8, 1.6, 1.4], 2.0, 3.0),  # above the peak: the peak alone, never an empty set
+    ],
+)
 def test_pool_threshold_keeps_positions_at_or_above_it(A, threshold, expected):
-    f = torch.tensor([1., 2., 3., 4.]).view(1, 1, 1, 1, 4)
+    f = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 1, 4)
     assert pool(f, torch.tensor(A).view(1, 1, 1, 4), threshold).item() == pytest.approx(expected)
 
 
@@ -69,7 +75,13 @@ def test_forward_shapes_and_gradient_paths(in_batch, threshold):
     model = DCLR("tiny", width=4, dim=8, threshold=threshold, in_batch=in_batch)
     out = model(views(B=2, S=64))
     assert {n: tuple(t.shape) for n, t in out.items()} == {
-        "q": (2, 5, 8), "k": (2, 5, 8), "p": (2, 2, 8), "A_v": (2, 1, 4, 4), "A_s": (2, 1, 4, 4), "A_d": (2, 1, 4, 4)}
+        "q": (2, 5, 8),
+        "k": (2, 5, 8),
+        "p": (2, 2, 8),
+        "A_v": (2, 1, 4, 4),
+        "A_s": (2, 1, 4, 4),
+        "A_d": (2, 1, 4, 4),
+    }
     assert out["q"].requires_grad and out["A_v"].requires_grad
     assert out["k"].requires_grad == in_batch  # keys from the query encoder only in in-batch mode
     assert not (out["p"].requires_grad or out["A_s"].requires_grad or out["A_d"].requires_grad)
@@ -87,8 +99,10 @@ def test_batch_norm_statistics_per_view_type(per_view_bn, in_batch):
     before = model(x)
     other = torch.randn(4, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
     after = model({**x, "q": other[:2], "k": other[2:]})
-    same = {name: torch.allclose(before[name][:, i], after[name][:, i], atol=1e-5)
-            for name, i in (("q", 4), ("k", 4), ("p", 1))}  # g_dv(d) of both encoders, the dynamic probe
+    same = {
+        name: torch.allclose(before[name][:, i], after[name][:, i], atol=1e-5)
+        for name, i in (("q", 4), ("k", 4), ("p", 1))
+    }  # g_dv(d) of both encoders, the dynamic probe
     # In-batch mode the key encoder sees no RGB clip, so its probes never move.
     assert same == {"q": per_view_bn, "k": per_view_bn, "p": per_view_bn or in_batch}
     assert torch.allclose(before["A_d"], after["A_d"], atol=1e-5) == (per_view_bn or in_batch)
@@ -146,7 +160,7 @@ def test_momentum_update_in_bf16_follows_fp32_ema():
     assert max((n.float() - r).abs().max() for n, r in zip(naive, ref)) > 0.01
     for p_k, r in zip(model.encoder_k.parameters(), ref):
         assert p_k.dtype == torch.bfloat16
-        torch.testing.assert_close(p_k.float(), r, rtol=2 ** -8, atol=1e-6)
+        torch.testing.assert_close(p_k.float(), r, rtol=2**-8, atol=1e-6)
 
 
 def test_load_state_dict_resets_the_bf16_accumulator():
@@ -171,7 +185,7 @@ def groups_of(B: int, G: int, transposed: bool, world: int = 1) -> list[set]:
         videos += [(view, i) for i in range(B)[sl]]
     start = 0
     for size in segments[:rgb]:
-        members.append({i for view, i in videos[start:start + size] if view == 0})
+        members.append({i for view, i in videos[start : start + size] if view == 0})
         start += size
     of = {}
     for seg in members:
@@ -188,7 +202,7 @@ def test_a_query_never_shares_batch_norm_statistics_with_its_positive_key(B, G, 
         assert (0, i) in query[i] and (0, i) in key[i]
         assert query[i] != key[i]
         if (B // G) % G == 0:  # spread evenly: B / G**2 of a group's videos are shared
-            assert len(query[i] & key[i]) == world * B // G ** 2
+            assert len(query[i] & key[i]) == world * B // G**2
     assert len(groups_of(B, 1, True)[0]) == B  # bn_groups=1: the guard is off
 
 
@@ -219,11 +233,19 @@ def test_running_statistics_come_from_rgb_clips_only():
     models = [DCLR("tiny", width=4, dim=8) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     with torch.no_grad():
-        for step, x in enumerate(rgb):
+        for x in rgb:
             for scale, model in ((1.0, models[0]), (5.0, models[1])):
                 other = scale * torch.randn(8, 3, 8, 64, 64, generator=g)
-                model({"q": x, "k": x.flip(0), "static_q": other, "static_k": other, "dynamic_q": other / 10,
-                       "dynamic_k": other / 10})
+                model(
+                    {
+                        "q": x,
+                        "k": x.flip(0),
+                        "static_q": other,
+                        "static_k": other,
+                        "dynamic_q": other / 10,
+                        "dynamic_k": other / 10,
+                    }
+                )
     f0, f1 = models[0].encoder_q.f, models[1].encoder_q.f
     for a, b in zip(f0.state_dict().values(), f1.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -237,8 +259,10 @@ def test_running_statistics_come_from_rgb_clips_only():
     test = 0.5 + 0.8 * torch.randn(16, 3, 8, 64, 64, generator=g)
     with torch.no_grad():
         train_mode = gap(f0.train()(test))  # batch statistics of 16 RGB clips
-        error = {name: ((gap(f.eval()(test)) - train_mode).norm() / train_mode.norm()).item()
-                 for name, f in (("rgb", f0), ("mixed", mixed))}
+        error = {
+            name: ((gap(f.eval()(test)) - train_mode).norm() / train_mode.norm()).item()
+            for name, f in (("rgb", f0), ("mixed", mixed))
+        }
     # What remains is the noise of statistics over groups of 4 small clips (1 x 4 x 4 positions at the last layer).
     assert error["rgb"] < 0.15 and error["mixed"] > 3 * error["rgb"], error
     # The buffers are BatchNorm3d's: the backbone loads into a plain network.

@@ -52,8 +52,11 @@ def test_channels_last_gives_the_contiguous_loss_and_gradients():
         m.register_forward_hook(lambda m, x, y: layouts.append((x[0], y)))
     _assert_same(_train(fast, batches), _train(plain, batches), rtol=1e-4, atol=1e-5)
     # every layer ran on NDHWC tensors, from the stacked input on
-    assert layouts and all(t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
-                           for pair in layouts for t in pair)
+    assert layouts and all(
+        t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+        for pair in layouts
+        for t in pair
+    )
     # the parameters keep their layout (DeepSpeed broadcasts them as bytes), so checkpoints do too
     assert all(p.is_contiguous() for p in fast.parameters())
 

@@ -17,8 +17,20 @@ from dclr_dist.shard.__main__ import _synth_parser
 from dclr_dist.shard.__main__ import main as shard_main
 
 # Small but complete: every motion, both splits, several scenes per pool.
-SMALL = dict(num_classes=8, train_per_class=3, test_per_class=2, train_scenes=3, test_scenes=2,
-             val_per_class=1, val_scenes=2, frames=24, size=64, fps=30, seed=0, progress=False)
+SMALL = dict(
+    num_classes=8,
+    train_per_class=3,
+    test_per_class=2,
+    train_scenes=3,
+    test_scenes=2,
+    val_per_class=1,
+    val_scenes=2,
+    frames=24,
+    size=64,
+    fps=30,
+    seed=0,
+    progress=False,
+)
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -27,8 +39,11 @@ def _rows(manifest: Path) -> list[dict]:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -45,8 +60,17 @@ def small(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def motion(tmp_path_factory) -> Path:
     # 32 frames: one 16-frame clip at stride 2 spans the whole video.
-    return synth.write_corpus(tmp_path_factory.mktemp("motion"), num_classes=6, train_per_class=12,
-                              test_per_class=1, frames=32, size=64, seed=3, workers=2, progress=False)
+    return synth.write_corpus(
+        tmp_path_factory.mktemp("motion"),
+        num_classes=6,
+        train_per_class=12,
+        test_per_class=1,
+        frames=32,
+        size=64,
+        seed=3,
+        workers=2,
+        progress=False,
+    )
 
 
 def test_manifest_matches_files_and_pools(small):
@@ -58,7 +82,7 @@ def test_manifest_matches_files_and_pools(small):
     assert not list(root.rglob("*.part"))
     for r in rows:
         split, label, name = r["path"].split("/")
-        assert (split, label) == (r["split"], r["label"])       # UCF-101 class folders per split
+        assert (split, label) == (r["split"], r["label"])  # UCF-101 class folders per split
         assert name.startswith(f"{label}_s{r['scene'][5:]}_v")
     assert len({r["path"] for r in rows}) == len(rows)
     scenes = {s: {int(r["scene"].removeprefix("scene")) for r in rows if r["split"] == s} for s in synth.SPLITS}
@@ -100,8 +124,8 @@ def test_scene_column_is_the_scene_in_the_pixels(small):
 
 def _centroids(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Object centre per frame: the pixels that differ from the video's median frame."""
-    moving = np.abs(video - np.median(video, axis=0)).sum(-1) > 60               # (T, H, W)
-    ys, xs = np.mgrid[:video.shape[1], :video.shape[2]]
+    moving = np.abs(video - np.median(video, axis=0)).sum(-1) > 60  # (T, H, W)
+    ys, xs = np.mgrid[: video.shape[1], : video.shape[2]]
     n = moving.sum((1, 2))
     assert n.min() > 0, "the object disappeared"
     return (moving * xs).sum((1, 2)) / n, (moving * ys).sum((1, 2)) / n
@@ -132,7 +156,7 @@ def test_scene_is_drawn_independently_of_class(motion):
     for r in _rows(motion):
         if r["split"] == "train":
             classes_per_scene[r["scene"]].add(r["label"])
-    assert len(classes_per_scene) == 8                       # the whole training pool is used
+    assert len(classes_per_scene) == 8  # the whole training pool is used
     assert all(len(c) >= 3 for c in classes_per_scene.values()), classes_per_scene
 
 
@@ -148,7 +172,7 @@ def test_resume_rewrites_exactly_the_missing_file(small, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.mp4")}
     synth.write_corpus(root, workers=1, **SMALL)
     assert _digests(root) == before
-    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())   # the others were not rewritten
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # the others were not rewritten
 
 
 def test_refuses_a_folder_written_with_other_arguments(small, tmp_path):
@@ -158,30 +182,60 @@ def test_refuses_a_folder_written_with_other_arguments(small, tmp_path):
         synth.write_corpus(root, **{**SMALL, "seed": 5})
 
 
-@pytest.mark.parametrize("override, error, message", [
-    (dict(num_classes=9), ValueError, "between 1 and 8"),
-    (dict(num_classes=0), ValueError, "num_classes"),
-    (dict(train_per_class=0), ValueError, "train_per_class must be >= 1"),
-    (dict(test_scenes=0), ValueError, "test_scenes must be >= 1"),
-    (dict(frames=8), ValueError, "frames must be >= 16"),
-    (dict(size=63), ValueError, "size must be even"),
-    (dict(size=16), ValueError, "size must be >= 32"),
-    (dict(fps=0), ValueError, "fps must be >= 1"),
-    (dict(workers=0), ValueError, "workers must be >= 1"),
-    (dict(size=64.0), TypeError, "size must be an int"),
-])
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (dict(num_classes=9), ValueError, "between 1 and 8"),
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(train_per_class=0), ValueError, "train_per_class must be >= 1"),
+        (dict(test_scenes=0), ValueError, "test_scenes must be >= 1"),
+        (dict(frames=8), ValueError, "frames must be >= 16"),
+        (dict(size=63), ValueError, "size must be even"),
+        (dict(size=16), ValueError, "size must be >= 32"),
+        (dict(fps=0), ValueError, "fps must be >= 1"),
+        (dict(workers=0), ValueError, "workers must be >= 1"),
+        (dict(size=64.0), TypeError, "size must be an int"),
+    ],
+)
 def test_invalid_arguments(tmp_path, override, error, message):
     with pytest.raises(error, match=message):
         synth.write_corpus(tmp_path / "x", **{**SMALL, **override})
-    assert not (tmp_path / "x").exists()                     # nothing written before validation
+    assert not (tmp_path / "x").exists()  # nothing written before validation
 
 
 def test_command_line(tmp_path, capsys):
     defaults = _synth_parser().parse_args(["--output", "x"])
     assert (defaults.classes, defaults.frames, defaults.size) == (6, 48, 128)
-    assert shard_main(["synth", "--output", str(tmp_path / "c"), "--classes", "2", "--train-per-class", "2",
-                       "--test-per-class", "1", "--train-scenes", "2", "--test-scenes", "1",
-                       "--frames", "16", "--size", "32", "--fps", "25", "--seed", "0", "--workers", "1"]) == 0
+    assert (
+        shard_main(
+            [
+                "synth",
+                "--output",
+                str(tmp_path / "c"),
+                "--classes",
+                "2",
+                "--train-per-class",
+                "2",
+                "--test-per-class",
+                "1",
+                "--train-scenes",
+                "2",
+                "--test-scenes",
+                "1",
+                "--frames",
+                "16",
+                "--size",
+                "32",
+                "--fps",
+                "25",
+                "--seed",
+                "0",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "4 train + 2 test videos" in out and str(tmp_path / "c" / "manifest.csv") in out
     assert len(_rows(tmp_path / "c" / "manifest.csv")) == 6

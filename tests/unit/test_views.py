@@ -9,8 +9,20 @@ import torchvision.transforms.v2.functional as TF
 
 from dclr_dist import views
 from dclr_dist.config import ConfigError, ViewsConfig, load_config
-from dclr_dist.views import (BOX, BRIGHTNESS, CONTRAST, FLIP, FRAME, GRAY, HUE, JITTER, NUM_PARAMS, ORDER,
-                             SATURATION, SIGMA)
+from dclr_dist.views import (
+    BOX,
+    BRIGHTNESS,
+    CONTRAST,
+    FLIP,
+    FRAME,
+    GRAY,
+    HUE,
+    JITTER,
+    NUM_PARAMS,
+    ORDER,
+    SATURATION,
+    SIGMA,
+)
 
 # Every augmentation on, so a test sees each one act.
 ALL_ON = ViewsConfig(frames=4, stride=2, size=16, jitter_p=1.0, gray_p=0.0, blur_p=1.0, flip_p=1.0)
@@ -89,7 +101,7 @@ def test_augmentation_is_identical_across_the_frames_of_a_clip():
     aug = batch["aug"].clone()
     aug[:, 2:, FRAME] = 1  # the static views of the two-frame clips below
     for t in range(1, T1):
-        one = {"q": frames[:, :, t:t + 1].expand(-1, -1, 2, -1, -1), "k": frames[:, :, :2], "aug": aug}
+        one = {"q": frames[:, :, t : t + 1].expand(-1, -1, 2, -1, -1), "k": frames[:, :, :2], "aug": aug}
         alone = views.dclr_views(one, cfg)["q"][:, :, 0]
         assert torch.allclose(out["q"][:, :, t - 1], alone, atol=1e-5), t
 
@@ -128,8 +140,9 @@ def test_views_never_make_the_host_wait():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         views.dclr_views(batch, cfg)
     ops = {e.key: e.count for e in prof.key_averages()}
-    assert ops.get("aten::_local_scalar_dense", 0) == 0 and ops.get("aten::nonzero", 0) == 0, \
-        {k: v for k, v in ops.items() if k in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")}
+    assert ops.get("aten::_local_scalar_dense", 0) == 0 and ops.get("aten::nonzero", 0) == 0, {
+        k: v for k, v in ops.items() if k in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
+    }
 
 
 def test_dynamic_view_is_the_temporal_difference_of_the_augmented_clip():
@@ -139,8 +152,9 @@ def test_dynamic_view_is_the_temporal_difference_of_the_augmented_clip():
     out = views.dclr_views(batch, cfg)
     B, _, T1, H, W = frames.shape
     aug = batch["aug"]
-    crops = views.crop(frames.transpose(1, 2).reshape(B * T1, 3, H, W), aug[:, 0, BOX].repeat_interleave(T1, 0),
-                       cfg.size)
+    crops = views.crop(
+        frames.transpose(1, 2).reshape(B * T1, 3, H, W), aug[:, 0, BOX].repeat_interleave(T1, 0), cfg.size
+    )
     x = views.augment(crops.view(B, T1, 3, cfg.size, cfg.size).transpose(1, 2), aug[:, 0], cfg)  # v_{-1}..v_{T-1}
     assert torch.allclose(out["q"], x[:, :, 1:], atol=1e-6)
     for t in range(cfg.frames):
@@ -218,13 +232,16 @@ def test_eval_clips_are_the_centre_crop_normalised():
     assert torch.allclose(unnormalize(out["clips"], cfg), clips[..., 1:15, 3:17].float() / 255, atol=1e-5)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("views.scale=[0.5, 0.2]", "views.scale must be [lo, hi]"),
-    ("views.jitter=[0.4, 0.4, 0.4]", "views.jitter must hold 4 numbers"),
-    ("views.gray_p=1.5", "views.gray_p must be a probability"),
-    ("views.augment_on=gpu", "views.augment_on must be one of"),
-    ("views.std=[0.2, 0, 0.2]", "views.std must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("views.scale=[0.5, 0.2]", "views.scale must be [lo, hi]"),
+        ("views.jitter=[0.4, 0.4, 0.4]", "views.jitter must hold 4 numbers"),
+        ("views.gray_p=1.5", "views.gray_p must be a probability"),
+        ("views.augment_on=gpu", "views.augment_on must be one of"),
+        ("views.std=[0.2, 0, 0.2]", "views.std must be > 0"),
+    ],
+)
 def test_views_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])

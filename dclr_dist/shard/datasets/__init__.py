@@ -48,14 +48,19 @@ from dclr_dist.shard.datasets.ssv2 import _ssv2
 from dclr_dist.shard.datasets.ucf101 import _ucf101
 
 NAMES = ("ucf101", "hmdb51", "kinetics", "ssv2")
-SPLITS = {"ucf101": ("train", "test"), "hmdb51": ("train", "test"), "kinetics": ("train", "val", "test"),
-          "ssv2": ("train", "val", "test")}
+SPLITS = {
+    "ucf101": ("train", "test"),
+    "hmdb51": ("train", "test"),
+    "kinetics": ("train", "val", "test"),
+    "ssv2": ("train", "val", "test"),
+}
 _FOLDS = (1, 2, 3)
 _SPEC = re.compile(r"^(ucf101|hmdb51|kinetics|ssv2):(.*)$", re.DOTALL)
 
 
-def spec(name: str, root: str | os.PathLike, *, annotations: str | os.PathLike | list | tuple = (),
-         fold: int | None = None) -> str:
+def spec(
+    name: str, root: str | os.PathLike, *, annotations: str | os.PathLike | list | tuple = (), fold: int | None = None
+) -> str:
     """The input string that names ``name`` in its official layout, for ``pack()``/``list_inputs()``.
 
     UCF-101 and HMDB-51 default to fold 1, written out so that ``index.json`` says which.
@@ -90,8 +95,9 @@ def parse(input_url: str) -> Dataset | None:
             try:
                 fold = int(value)
             except ValueError:
-                raise PackError(f"--fold {value!r}: not a number; {TITLES[m.group(1)]} has the folds "
-                                "1, 2 and 3") from None
+                raise PackError(
+                    f"--fold {value!r}: not a number; {TITLES[m.group(1)]} has the folds 1, 2 and 3"
+                ) from None
         else:
             raise PackError(f"{input_url}: unknown dataset option {key!r} (known: annotations, fold)")
     if fold is None and m.group(1) in ("ucf101", "hmdb51"):
@@ -115,14 +121,16 @@ def list_dataset(ds: Dataset, split: str | None) -> tuple[list[Input], list[str]
     split = canonical_split(ds.name, split)
     if ds.name in ("ucf101", "hmdb51"):
         if ds.fold not in _FOLDS:
-            raise PackError(f"--fold {ds.fold}: {TITLES[ds.name]} has the official splits 1, 2 and 3; "
-                            "pass --fold 1, 2 or 3")
+            raise PackError(
+                f"--fold {ds.fold}: {TITLES[ds.name]} has the official splits 1, 2 and 3; pass --fold 1, 2 or 3"
+            )
     elif ds.fold is not None:
-        raise PackError(f"--fold applies to ucf101 and hmdb51; {TITLES[ds.name]} has one official split: "
-                        "drop --fold")
+        raise PackError(f"--fold applies to ucf101 and hmdb51; {TITLES[ds.name]} has one official split: drop --fold")
     if storage.is_s3(ds.root):
-        raise PackError(f"{ds.root}: --dataset reads videos from local disk (or a mounted file system); "
-                        "for videos in S3 write a .csv manifest whose rows point at them")
+        raise PackError(
+            f"{ds.root}: --dataset reads videos from local disk (or a mounted file system); "
+            "for videos in S3 write a .csv manifest whose rows point at them"
+        )
     root = storage.local_path(ds.root)
     if not root.is_dir():
         raise PackError(f"{ds.root}: no such folder; --input is the {TITLES[ds.name]} video folder")

@@ -78,5 +78,6 @@ def _annotation_dir(ds: Dataset, root: Path, default: str, what: str) -> Path:
     for candidate in (root / default, root.parent / default):
         if candidate.is_dir():
             return candidate
-    raise PackError(f"{root / default} (or {root.parent / default}): not found; pass --annotations "
-                    f"PATH/{default} ({what})")
+    raise PackError(
+        f"{root / default} (or {root.parent / default}): not found; pass --annotations PATH/{default} ({what})"
+    )

@@ -39,16 +39,26 @@ def _hmdb51(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]
     for cls in classes:
         path = files.get((cls, ds.fold))
         if path is None:
-            raise PackError(f"{ann / f'{cls}_test_split{ds.fold}.txt'}: not found, though {cls} has split files "
-                            f"for other folds; --annotations must be the complete {_HMDB_WHAT}")
+            raise PackError(
+                f"{ann / f'{cls}_test_split{ds.fold}.txt'}: not found, though {cls} has split files "
+                f"for other folds; --annotations must be the complete {_HMDB_WHAT}"
+            )
         for n, line in _lines(path):
             parts = line.split()
             where = f"{path.name} line {n}"
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                 # Unreadable: it may belong to this split, so it is a reject here rather than lost.
                 rel = f"{cls}/{parts[0]}"
-                inputs.append(Input(rel, str(root / rel), cls, split, {"fold": str(ds.fold)},
-                                    f"{where}: expected '<video> <0|1|2>', got {line!r}"))
+                inputs.append(
+                    Input(
+                        rel,
+                        str(root / rel),
+                        cls,
+                        split,
+                        {"fold": str(ds.fold)},
+                        f"{where}: expected '<video> <0|1|2>', got {line!r}",
+                    )
+                )
                 continue
             if parts[1] != code:
                 continue  # the other split, or not used in this fold

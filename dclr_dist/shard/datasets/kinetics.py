@@ -12,8 +12,10 @@ from dclr_dist.shard.datasets.common import _SYNONYMS, Dataset
 
 _VIDEO_EXTS = {"mp4", "mkv", "webm", "avi", "mov", "m4v", "flv", "3gp", "mpg", "mpeg", "ogv"}
 
-_KINETICS_WHAT = ("the annotation CSVs (label,youtube_id,time_start,time_end,split: train.csv, validate.csv, ...) "
-                  "or their folder; give every split's CSV so that all splits share one class list")
+_KINETICS_WHAT = (
+    "the annotation CSVs (label,youtube_id,time_start,time_end,split: train.csv, validate.csv, ...) "
+    "or their folder; give every split's CSV so that all splits share one class list"
+)
 
 
 def _split_from_name(path: Path) -> str | None:
@@ -31,8 +33,11 @@ def _read_kinetics_csvs(ds: Dataset) -> list[tuple[Path, list[str], list[tuple[i
     for given in ds.annotations:
         path = Path(given)
         if path.is_dir():
-            found = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
-                     and p.suffix.lower() in (".csv", ".txt")]
+            found = [
+                p
+                for p in sorted(path.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".csv", ".txt")
+            ]
             if not found:
                 raise PackError(f"{path}: no .csv files; --annotations is {_KINETICS_WHAT}")
             candidates += [(p, False) for p in found]
@@ -49,12 +54,16 @@ def _read_kinetics_csvs(ds: Dataset) -> list[tuple[Path, list[str], list[tuple[i
                 if named:
                     raise PackError(f"{path}: no youtube_id column; --annotations is {_KINETICS_WHAT}")
                 continue  # some other file in the folder (a class list, a readme)
-            rows = [(n, {k: v.strip() for k, v in zip(header, row)}) for n, row in enumerate(reader, start=2)
-                    if any(v.strip() for v in row)]
+            rows = [
+                (n, {k: v.strip() for k, v in zip(header, row)})
+                for n, row in enumerate(reader, start=2)
+                if any(v.strip() for v in row)
+            ]
         tables.append((path, header, rows))
     if not tables:
-        raise PackError(f"{', '.join(ds.annotations)}: no CSV with a youtube_id column; "
-                        f"--annotations is {_KINETICS_WHAT}")
+        raise PackError(
+            f"{', '.join(ds.annotations)}: no CSV with a youtube_id column; --annotations is {_KINETICS_WHAT}"
+        )
     return tables
 
 
@@ -82,25 +91,32 @@ def _index_videos(root: Path) -> dict[str, list[str]]:
 def _kinetics(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
     tables = _read_kinetics_csvs(ds)
     # Every label of every CSV given, sorted: the usual Kinetics numbering, the same for every split.
-    classes = sorted({row["label"] for _, header, rows in tables if "label" in header for _, row in rows
-                      if row.get("label")})
+    classes = sorted(
+        {row["label"] for _, header, rows in tables if "label" in header for _, row in rows if row.get("label")}
+    )
     selected = []
     for path, header, rows in tables:
         by_name = _split_from_name(path)
         for n, row in rows:
             row_split = row.get("split") or by_name
             if row_split is None:
-                raise PackError(f"{path} line {n}: no split column and the file name does not say which split; "
-                                f"--annotations is {_KINETICS_WHAT}")
+                raise PackError(
+                    f"{path} line {n}: no split column and the file name does not say which split; "
+                    f"--annotations is {_KINETICS_WHAT}"
+                )
             if _SYNONYMS.get(row_split.lower(), row_split.lower()) != split:
                 continue
             if "label" not in header:
-                raise PackError(f"{path}: the {split} rows have no label column (Kinetics-600/700 test labels "
-                                "are not public); pack train or val")
+                raise PackError(
+                    f"{path}: the {split} rows have no label column (Kinetics-600/700 test labels "
+                    "are not public); pack train or val"
+                )
             selected.append((path, n, row))
     if not selected:
-        raise PackError(f"no rows of split '{split}' in {', '.join(str(p) for p, _, _ in tables)}; pass the "
-                        f"{split} CSV to --annotations")
+        raise PackError(
+            f"no rows of split '{split}' in {', '.join(str(p) for p, _, _ in tables)}; pass the "
+            f"{split} CSV to --annotations"
+        )
     videos = _index_videos(root)
     inputs = []
     for path, n, row in selected:
@@ -111,8 +127,16 @@ def _kinetics(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[st
             stem = f"{youtube_id}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
         except (KeyError, ValueError):
             stem = youtube_id or f"<{where}>"
-            inputs.append(Input(f"{stem}.mp4", str(root / f"{stem}.mp4"), label, split, meta,
-                                f"{where}: time_start/time_end are not numbers"))
+            inputs.append(
+                Input(
+                    f"{stem}.mp4",
+                    str(root / f"{stem}.mp4"),
+                    label,
+                    split,
+                    meta,
+                    f"{where}: time_start/time_end are not numbers",
+                )
+            )
             continue
         problem = None
         if not youtube_id:

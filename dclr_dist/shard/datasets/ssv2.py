@@ -35,7 +35,7 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
     try:
         numbered = {int(v): k for k, v in labels.items()}
     except (AttributeError, TypeError, ValueError):
-        raise PackError(f"{labels_path}: expected {{\"<class>\": \"<index>\", ...}}") from None
+        raise PackError(f'{labels_path}: expected {{"<class>": "<index>", ...}}') from None
     if sorted(numbered) != list(range(len(labels))):
         raise PackError(f"{labels_path}: the class indices must run 0..{len(labels) - 1}, each once")
     classes = [numbered[k] for k in range(len(numbered))]
@@ -43,10 +43,11 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
     listing = ann / _SSV2_FILES[split]
     entries = _load_json(listing, f"--annotations is {_SSV2_WHAT}")
     if not isinstance(entries, list) or not entries:
-        raise PackError(f"{listing}: expected a list of {{\"id\", \"template\", ...}} objects")
+        raise PackError(f'{listing}: expected a list of {{"id", "template", ...}} objects')
     if not any(isinstance(e, dict) and e.get("template") for e in entries):
-        raise PackError(f"{listing}: no templates, so no labels (the SSv2 test labels are not in it); "
-                        "pack train or val")
+        raise PackError(
+            f"{listing}: no templates, so no labels (the SSv2 test labels are not in it); pack train or val"
+        )
     try:
         on_disk = set(os.listdir(root))
     except OSError as e:

@@ -24,8 +24,9 @@ def _ucf101(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]
     # classInd numbers from 1; labels are 0-based indices into the class list: class k is label k-1.
     classes = [numbered[k] for k in sorted(numbered)]
     by_folder = {c.lower(): c for c in classes}
-    listing = _require_file(ann / f"{split}list{ds.fold:02d}.txt",
-                            f"--annotations must be {_UCF_WHAT} (it holds {split}list01-03.txt)")
+    listing = _require_file(
+        ann / f"{split}list{ds.fold:02d}.txt", f"--annotations must be {_UCF_WHAT} (it holds {split}list01-03.txt)"
+    )
     finder = _Finder(root)
     inputs = []
     for n, line in _lines(listing):
@@ -42,8 +43,10 @@ def _ucf101(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]
             if not number.isdigit() or int(number) not in numbered:
                 problem = f"{where}: class number {number} is not in classInd.txt"
             elif numbered[int(number)].lower() != folder.lower():
-                problem = (f"{where}: class number {number} is {numbered[int(number)]} in classInd.txt, "
-                           f"but the video is in {folder}/")
+                problem = (
+                    f"{where}: class number {number} is {numbered[int(number)]} in classInd.txt, "
+                    f"but the video is in {folder}/"
+                )
             else:
                 label = numbered[int(number)]
         elif folder.lower() not in by_folder:
