@@ -25,6 +25,12 @@ from dclr_dist import storage
 from dclr_dist.config import Config
 from dclr_dist.model import backbone
 
+# What a --checkpoint argument accepts (resolve_checkpoint), for every command that takes one.
+CHECKPOINT_HELP = (
+    "checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or its run folder "
+    "(uses best/); local or s3://"
+)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and says what to do."""
@@ -32,9 +38,7 @@ class CheckpointError(RuntimeError):
 
 def resolve_checkpoint(url: str) -> str:
     """The folder holding backbone.pt: ``url`` itself, or a run folder's ``best/``."""
-    url = url.rstrip("/")
-    if not storage.is_s3(url):
-        url = str(Path(url).resolve())
+    url = storage.absolute(url.rstrip("/"))
     for folder in (url, storage.join(url, "best")):
         if storage.exists(storage.join(folder, "backbone.pt")):
             return folder

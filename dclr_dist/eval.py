@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dclr_dist import storage
-from dclr_dist.checkpoint import CheckpointError, load_backbone, load_meta, resolve_checkpoint
+from dclr_dist.checkpoint import CHECKPOINT_HELP, CheckpointError, load_backbone, load_meta, resolve_checkpoint
 from dclr_dist.config import Config, ConfigError, config_from_dict, load_config
 from dclr_dist.evaluation import EvalError
 from dclr_dist.evaluation.features import extract, extract_on_workers
@@ -221,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="URL",
-        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
-        "its run folder (uses best/); local or s3://",
-    )
+    parser.add_argument("--checkpoint", required=True, metavar="URL", help=CHECKPOINT_HELP)
     parser.add_argument(
         "--train",
         required=True,

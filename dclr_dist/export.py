@@ -45,7 +45,7 @@ import sys
 import torch
 
 from dclr_dist import storage
-from dclr_dist.checkpoint import CheckpointError, load_backbone, load_meta, resolve_checkpoint
+from dclr_dist.checkpoint import CHECKPOINT_HELP, CheckpointError, load_backbone, load_meta, resolve_checkpoint
 
 FORMATS = ("torchvision", "plain")
 
@@ -175,13 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "s3:// URLs use AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY / AWS_PROFILE.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="URL",
-        help="checkpoint folder of `python -m dclr_dist.train` (backbone.pt + meta.json), or "
-        "its run folder (uses best/); local or s3://",
-    )
+    parser.add_argument("--checkpoint", required=True, metavar="URL", help=CHECKPOINT_HELP)
     parser.add_argument(
         "--format", default="torchvision", choices=FORMATS, help="torchvision (default) or plain, see below"
     )

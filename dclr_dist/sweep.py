@@ -301,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     make_paths_absolute(base)  # trials run in working directories of their own
     name = args.name or f"{base.train.name}-sweep"
-    storage_path = args.storage or base.train.storage_path
-    if not storage.is_s3(storage_path):
-        storage_path = str(Path(storage_path).resolve())
+    storage_path = storage.absolute(args.storage or base.train.storage_path)
     try:
         results, sweep_url = sweep(
             base,

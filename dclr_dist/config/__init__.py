@@ -1,11 +1,12 @@
 """One typed configuration for every stage, loaded from YAML with ``key=value`` overrides.
 
-Each component owns one section, a dataclass whose docstring names it (``method.py``:
-the method and its data; ``run.py``: running it); ``load.py`` reads YAML and overrides. The whole tree is
-validated before anything expensive starts, so an unknown key or a wrong type fails in
-milliseconds with a message naming the key and the file, not an hour into a Ray job.
+Each component owns one section, a dataclass whose docstring names it: ``method.py`` holds
+the method's and its data's, ``run.py`` those of running it; ``load.py`` reads YAML and
+overrides. The whole tree is validated before anything expensive starts, so an unknown key
+or a wrong type fails in milliseconds with a message naming the key and the file, not an
+hour into a Ray job.
 
-    cfg = load_config("dclr_dist/configs/demo.yaml", ["shard.crf=28", "shard.fps=15"])
+    cfg = load_config("demo", ["shard.crf=28", "shard.fps=15"])   # a shipped recipe, or a path
 """
 
 from dclr_dist.config.errors import ConfigError

@@ -15,30 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import environment, local_ray, pack_synthetic
+from helpers import TINY, environment, local_ray, pack_synthetic
 
 from dclr_dist import storage
 from dclr_dist.config import load_config
 
-TINY = [
-    "model.arch=tiny",
-    "model.width=8",
-    "model.dim=32",
-    "loss.queue_size=64",
-    "views.frames=4",
-    "views.size=32",
-    "data.batch_size=4",
-    "data.loader_workers=0",
-    "data.shuffle_buffer=8",
-    "data.shuffle_initial=4",
-    "data.epoch_samples=8",
-    "cluster.workers=1",
-    "train.epochs=1",
-    "optim.lr=0.05",
-    "optim.ref_batch=8",
-    "train.log_every=1",
-    "cluster.max_failures=0",
-]
+# The smallest run that writes a checkpoint: one worker, one epoch of 8 samples, no restarts.
+ONE_EPOCH = [*TINY, "data.epoch_samples=8", "cluster.workers=1", "train.epochs=1", "cluster.max_failures=0"]
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -94,7 +77,12 @@ def s3_run(ray_local, shards, s3_endpoint):
 
     name = f"sec-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=name)
-    overrides = [*TINY, f"data.train=[{shards['train']}]", f"train.storage_path=s3://{name}/runs", "train.name=run"]
+    overrides = [
+        *ONE_EPOCH,
+        f"data.train=[{shards['train']}]",
+        f"train.storage_path=s3://{name}/runs",
+        "train.name=run",
+    ]
     result = fit(load_config(None, overrides))
     assert result.error is None, result.error
     return f"s3://{name}/runs/run", overrides, result
