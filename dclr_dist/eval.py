@@ -145,49 +145,8 @@ def evaluate(
         "size": cfg.views.size,
         "protocols": {},
     }
-    frozen = [p for p in protocols if p != "finetune"]
-    if frozen:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.eval.workers:
-            where, run = f"{cfg.eval.workers} Ray workers", lambda urls, bar: extract_on_workers(f, cfg, urls, bar)
-        else:
-            f = f.to(device)
-            where, run = str(device), lambda urls, bar: extract(f, cfg.data, cfg.views, urls, device, progress=bar)
-        log(f"eval: features of {folder} ({cfg.data.eval_clips} clips per video) on {where}")
-        tr, te = run(train, "features, train"), run(test, "features, test")
-        classes = _classes(train, test, [tr.label, te.label])
-        if len(set(tr.label.tolist())) < 2:
-            raise EvalError(f"the train shards {train} hold a single class: the probes need two or more")
-        report.update(
-            classes=classes,
-            videos={"train": len(tr.keys), "test": len(te.keys)},
-            skipped={
-                split: {"samples": s.skipped_samples, "shards": s.skipped_shards}
-                for split, s in (("train", tr), ("test", te))
-            },
-        )
-        l2 = cfg.eval.l2
-        if l2 is None and {"linear", "scene"} & set(protocols):
-            l2, scores = choose_l2(tr.x, tr.label, len(classes), progress="linear probe, l2 cross-validation")
-            report["l2_cv"] = {"chosen": l2, "accuracy": {str(k): v for k, v in scores.items()}}
-        if "linear" in protocols:
-            report["protocols"]["linear"] = linear_probe(tr, te, classes, l2)
-        if "knn" in protocols:
-            on_device = [dataclasses.replace(s, x=s.x.to(device)) for s in (tr, te)]
-            report["protocols"]["knn"] = knn_retrieval(
-                *on_device,
-                classes,
-                cfg.eval.knn_k,
-                cfg.eval.knn_temperature,
-                cfg.eval.recall_at,
-                cfg.eval.chunk,
-                progress=True,
-            )
-        if "scene" in protocols:
-            if tr.scenes is None and everything:
-                report["protocols"]["scene"] = {"skipped": "the records carry no meta.scene"}
-            else:
-                report["protocols"]["scene"] = scene_probe(tr, te, classes, l2)
+    if any(p != "finetune" for p in protocols):
+        _frozen_protocols(f, cfg, folder, protocols, everything, report, log)
     if "finetune" in protocols:
         classes = report.get("classes") or _classes(train, test, [])
         report.setdefault("classes", classes)
@@ -196,6 +155,54 @@ def evaluate(
     if out is not None:
         write_report(report, Path(out), log)
     return report
+
+
+def _frozen_protocols(
+    f: torch.nn.Module, cfg: Config, folder: str, protocols: tuple[str, ...], everything: bool, report: dict, log
+) -> None:
+    """Features of both splits, then the linear, k-NN and scene protocols asked for, into ``report``."""
+    train, test = cfg.data.train, cfg.data.eval
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.eval.workers:
+        where, run = f"{cfg.eval.workers} Ray workers", lambda urls, bar: extract_on_workers(f, cfg, urls, bar)
+    else:
+        f = f.to(device)
+        where, run = str(device), lambda urls, bar: extract(f, cfg.data, cfg.views, urls, device, progress=bar)
+    log(f"eval: features of {folder} ({cfg.data.eval_clips} clips per video) on {where}")
+    tr, te = run(train, "features, train"), run(test, "features, test")
+    classes = _classes(train, test, [tr.label, te.label])
+    if len(set(tr.label.tolist())) < 2:
+        raise EvalError(f"the train shards {train} hold a single class: the probes need two or more")
+    report.update(
+        classes=classes,
+        videos={"train": len(tr.keys), "test": len(te.keys)},
+        skipped={
+            split: {"samples": s.skipped_samples, "shards": s.skipped_shards}
+            for split, s in (("train", tr), ("test", te))
+        },
+    )
+    l2 = cfg.eval.l2
+    if l2 is None and {"linear", "scene"} & set(protocols):
+        l2, scores = choose_l2(tr.x, tr.label, len(classes), progress="linear probe, l2 cross-validation")
+        report["l2_cv"] = {"chosen": l2, "accuracy": {str(k): v for k, v in scores.items()}}
+    if "linear" in protocols:
+        report["protocols"]["linear"] = linear_probe(tr, te, classes, l2)
+    if "knn" in protocols:
+        on_device = [dataclasses.replace(s, x=s.x.to(device)) for s in (tr, te)]
+        report["protocols"]["knn"] = knn_retrieval(
+            *on_device,
+            classes,
+            cfg.eval.knn_k,
+            cfg.eval.knn_temperature,
+            cfg.eval.recall_at,
+            cfg.eval.chunk,
+            progress=True,
+        )
+    if "scene" in protocols:
+        if tr.scenes is None and everything:
+            report["protocols"]["scene"] = {"skipped": "the records carry no meta.scene"}
+        else:
+            report["protocols"]["scene"] = scene_probe(tr, te, classes, l2)
 
 
 # --------------------------------------------------------------------------- command line

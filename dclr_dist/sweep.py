@@ -258,7 +258,8 @@ def print_table(rows: list[dict], space: dict) -> None:
         print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _sweep_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m dclr_dist.sweep``."""
     p = argparse.ArgumentParser(
         prog="python -m dclr_dist.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -290,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the training config")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _sweep_parser().parse_args(argv)
     try:
         base = load_config(args.config, [*args.overrides, "eval.every=1"])
         space = load_space(args.space, base)

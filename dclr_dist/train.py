@@ -85,11 +85,8 @@ def train_loop(loop_config: dict) -> None:
         print(f"resumed {r.run_url} after epoch {start_epoch}", flush=True)
     nodes, step, last_checkpoint = count_nodes(), start_epoch * steps_per_epoch, time.monotonic()
     # One loader for the run: its workers stream on across epoch boundaries (no fork, no refill).
-    it = iter(
-        data.train_loader(
-            cfg.data, cfg.views, rank=r.rank, world_size=world, epoch=start_epoch, epochs=cfg.train.epochs - start_epoch
-        )
-    )
+    epochs = cfg.train.epochs - start_epoch
+    it = iter(data.train_loader(cfg.data, cfg.views, rank=r.rank, world_size=world, epoch=start_epoch, epochs=epochs))
     for epoch in range(start_epoch, cfg.train.epochs):
         meter = EpochMeter()
         step = run_epoch(r, it, batches, epoch, step, meter)
@@ -102,15 +99,13 @@ def train_loop(loop_config: dict) -> None:
         )
         metrics, flags = meter.epoch(batches, device, {"checkpoint_due": due})
         metrics.update(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": r.engine.get_lr()[0],
-                "world_size": world,
-                "zero_stage": cfg.engine.zero_stage,
-                "nodes": nodes,
-                "queue_filled": int(r.criterion.queue_filled),
-            }
+            epoch=epoch + 1,
+            step=step,
+            lr=r.engine.get_lr()[0],
+            world_size=world,
+            nodes=nodes,
+            zero_stage=cfg.engine.zero_stage,
+            queue_filled=int(r.criterion.queue_filled),
         )
         if end_epoch(r, epoch, metrics, best, flags["checkpoint_due"]):
             last_checkpoint = time.monotonic()

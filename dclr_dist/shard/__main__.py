@@ -202,20 +202,25 @@ def _pack(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    return _report_pack(result, args.output)
+
+
+def _report_pack(result, output: str) -> int:
+    """Print what a packing did; return the exit code (1 when nothing was packed)."""
     index = result.index
     if index["samples"] == 0:
         # Exit 0 would let a script go on to train on an empty corpus.
         reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
         print(
             f"error: nothing packed: all {index['inputs']} inputs were rejected ({reasons}); "
-            f"see {storage.join(args.output, 'rejects.jsonl')}",
+            f"see {storage.join(output, 'rejects.jsonl')}",
             file=sys.stderr,
         )
         return 1
     mb = index["bytes"] / 1e6
     line = (
         f"packed {index['samples']} of {index['inputs']} inputs into {len(index['shards'])} shards "
-        f"({mb:.1f} MB, {len(index['classes'])} classes) at {args.output}"
+        f"({mb:.1f} MB, {len(index['classes'])} classes) at {output}"
     )
     if result.already_complete:
         line += " (already complete: nothing to do)"
@@ -226,7 +231,7 @@ def _pack(argv: list[str]) -> int:
         print(result.redone)
     if index["rejected"]:
         reasons = ", ".join(f"{n} {kind}" for kind, n in index["reject_reasons"].items())
-        print(f"rejected {index['rejected']} inputs ({reasons}); see {storage.join(args.output, 'rejects.jsonl')}")
+        print(f"rejected {index['rejected']} inputs ({reasons}); see {storage.join(output, 'rejects.jsonl')}")
     return 0
 
 

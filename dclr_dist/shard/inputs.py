@@ -82,78 +82,96 @@ def _printable(name: str) -> str:
 def _list_folder(root: Path) -> tuple[list[Input], list[str]]:
     inputs: list[Input] = []
     classes: list[str] = []
-
-    def walk(folder: str, rel: str, label: str, ancestors: tuple[str, ...]) -> None:
-        """``ancestors``: the real paths of ``folder`` (last) and the folders above it."""
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            if not rel:
-                raise PackError(f"{root}: cannot list the folder ({e.strerror or e})") from None
-            inputs.append(Input(f"{rel}/", folder, label, problem=f"unreadable folder: {e.strerror or e}"))
-            return
-        for entry in entries:
-            name = _printable(entry.name)
-            sub = f"{rel}/{name}" if rel else name
-            try:
-                is_dir = entry.is_dir()  # follows links: a class folder linked in from elsewhere is read
-            except OSError:
-                is_dir = False  # a link that cannot be followed: the transcoder says why
-            if entry.name.startswith("."):
-                what = "folder, not read" if is_dir else "file"
-                inputs.append(
-                    Input(
-                        sub,
-                        entry.path,
-                        label,
-                        problem=f"hidden: a hidden {what} (.DS_Store, .git, "
-                        "._ files: names starting with '.' are not packed)",
-                    )
-                )
-            elif is_dir:
-                real = os.path.realpath(entry.path)
-                if real in ancestors:
-                    inputs.append(
-                        Input(
-                            sub,
-                            entry.path,
-                            label,
-                            problem="symlink loop: a link back to a folder that contains it; not followed",
-                        )
-                    )
-                else:
-                    if not rel:
-                        classes.append(name)
-                    walk(entry.path, sub, label or name, (*ancestors, real))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                inputs.append(
-                    Input(
-                        sub,
-                        entry.path,
-                        label,
-                        problem=f"file not found: a broken symbolic link (to {_printable(os.readlink(entry.path))})",
-                    )
-                )
-            else:
-                # The file a link names: a video linked into the tree twice is one sample and one duplicate.
-                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(ancestors[-1], entry.name)
-                inputs.append(
-                    Input(
-                        sub,
-                        real,
-                        label,
-                        problem=None
-                        if rel
-                        else "not inside a class folder (expected IN/<class>/<video>); move it into its class folder",
-                    )
-                )
-
-    walk(str(root), "", "", (os.path.realpath(root),))
+    _walk_folder(root, str(root), "", "", (os.path.realpath(root),), inputs, classes)
     if not inputs:
         raise PackError(f"{root}: no files found (expected IN/<class>/<video files>)")
     inputs.sort(key=lambda i: i.source)
     return inputs, classes
+
+
+def _walk_folder(
+    root: Path, folder: str, rel: str, label: str, ancestors: tuple[str, ...], inputs: list[Input], classes: list[str]
+) -> None:
+    """Append the files under ``folder`` to ``inputs`` (and the class folders to ``classes``).
+
+    ``ancestors``: the real paths of ``folder`` (last) and the folders above it.
+    """
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        if not rel:
+            raise PackError(f"{root}: cannot list the folder ({e.strerror or e})") from None
+        inputs.append(Input(f"{rel}/", folder, label, problem=f"unreadable folder: {e.strerror or e}"))
+        return
+    for entry in entries:
+        _walk_entry(root, entry, rel, label, ancestors, inputs, classes)
+
+
+def _walk_entry(
+    root: Path,
+    entry: os.DirEntry,
+    rel: str,
+    label: str,
+    ancestors: tuple[str, ...],
+    inputs: list[Input],
+    classes: list[str],
+) -> None:
+    """Append one entry of a folder to ``inputs``, with a problem if it cannot be packed, or walk into it."""
+    name = _printable(entry.name)
+    sub = f"{rel}/{name}" if rel else name
+    try:
+        is_dir = entry.is_dir()  # follows links: a class folder linked in from elsewhere is read
+    except OSError:
+        is_dir = False  # a link that cannot be followed: the transcoder says why
+    if entry.name.startswith("."):
+        what = "folder, not read" if is_dir else "file"
+        inputs.append(
+            Input(
+                sub,
+                entry.path,
+                label,
+                problem=f"hidden: a hidden {what} (.DS_Store, .git, ._ files: names starting with '.' are not packed)",
+            )
+        )
+    elif is_dir:
+        real = os.path.realpath(entry.path)
+        if real in ancestors:
+            inputs.append(
+                Input(
+                    sub,
+                    entry.path,
+                    label,
+                    problem="symlink loop: a link back to a folder that contains it; not followed",
+                )
+            )
+        else:
+            if not rel:
+                classes.append(name)
+            _walk_folder(root, entry.path, sub, label or name, (*ancestors, real), inputs, classes)
+    else:
+        inputs.append(_file_input(entry, sub, rel, label, ancestors))
+
+
+def _file_input(entry: os.DirEntry, sub: str, rel: str, label: str, ancestors: tuple[str, ...]) -> Input:
+    """The input of a file in the tree, with a problem if it is a broken link or outside a class folder."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return Input(
+            sub,
+            entry.path,
+            label,
+            problem=f"file not found: a broken symbolic link (to {_printable(os.readlink(entry.path))})",
+        )
+    # The file a link names: a video linked into the tree twice is one sample and one duplicate.
+    real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(ancestors[-1], entry.name)
+    return Input(
+        sub,
+        real,
+        label,
+        problem=None
+        if rel
+        else "not inside a class folder (expected IN/<class>/<video>); move it into its class folder",
+    )
 
 
 _KNOWN_COLUMNS = ("path", "label", "split")

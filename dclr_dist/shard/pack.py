@@ -236,16 +236,39 @@ def _run(
         for stale in Path(tmp_dir).glob(f".{cfg.prefix}-*.tmp"):
             stale.unlink()
 
-    label_index = {c: n for n, c in enumerate(classes)}
     done = states[-1]["next_input"] if states else 0
     bar = _progress(len(inputs), done, progress)
+    start = time.monotonic()
+    pool = _RayPool(cfg) if use_ray else _LocalPool(workers, cfg)
+    pending_rejects, pending_ids = _write_shards(
+        output, cfg, classes, inputs, done, fingerprint, tmp_dir, states, pool, bar
+    )
+    index = _finish(
+        output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids, len(inputs)
+    )
+    index["elapsed_s"] = round(time.monotonic() - start, 3)
+    return PackResult(index, resumed_shards=resumed, redone=redone)
+
+
+def _write_shards(
+    output: str,
+    cfg: ShardConfig,
+    classes: list[str],
+    inputs: list[Input],
+    done: int,
+    fingerprint: str,
+    tmp_dir: str,
+    states: list[dict],
+    pool: _LocalPool | _RayPool,
+    bar,
+) -> tuple[list[dict], list[list[int] | None]]:
+    """Pack ``inputs[done:]`` adding to ``states``, then close ``pool``, ``bar``; return the rejects and ids after."""
+    label_index = {c: n for n, c in enumerate(classes)}
     rejected = sum(len(s["rejects"]) for s in states)
     pending_rejects: list[dict] = []
     pending_ids: list[list[int] | None] = []  # identities of the inputs since the last shard
     writer: _ShardWriter | None = None
     first = done
-    start = time.monotonic()
-    pool = _RayPool(cfg) if use_ray else _LocalPool(workers, cfg)
     try:
         for n, (inp, result, identity) in enumerate(_ordered(inputs[done:], pool), start=done):
             if isinstance(result, Rejected):
@@ -275,11 +298,7 @@ def _run(
             writer.discard()
         pool.close()
         bar.close()
-    index = _finish(
-        output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids, len(inputs)
-    )
-    index["elapsed_s"] = round(time.monotonic() - start, 3)
-    return PackResult(index, resumed_shards=resumed, redone=redone)
+    return pending_rejects, pending_ids
 
 
 def _record(inp: Input, enc: Encoded, label_index: dict[str, int], key: str) -> dict:

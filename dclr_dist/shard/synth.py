@@ -117,6 +117,48 @@ def write_corpus(
     written with other arguments is refused rather than silently mixed: the arguments are
     recorded in ``synth.json``.
     """
+    params = _checked_params(
+        num_classes=num_classes,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        train_scenes=train_scenes,
+        test_scenes=test_scenes,
+        val_per_class=val_per_class,
+        val_scenes=val_scenes,
+        frames=frames,
+        size=size,
+        fps=fps,
+        seed=seed,
+        workers=workers,
+    )
+    out = Path(out_dir)
+    _claim(out, params)
+
+    per_class = {"train": train_per_class, "test": test_per_class, "val": val_per_class}
+    videos = _plan_videos(num_classes, per_class, train_scenes, test_scenes, val_scenes, seed)
+    _write_videos(out, videos, num_classes, per_class, seed, frames, size, fps, workers, progress)
+
+    manifest = out / "manifest.csv"
+    _atomic_write(manifest, _manifest_text(videos))
+    return manifest
+
+
+def _checked_params(
+    *,
+    num_classes: int,
+    train_per_class: int,
+    test_per_class: int,
+    train_scenes: int,
+    test_scenes: int,
+    val_per_class: int,
+    val_scenes: int,
+    frames: int,
+    size: int,
+    fps: int,
+    seed: int,
+    workers: int,
+) -> dict:
+    """Check ``write_corpus``'s arguments; return those that ``synth.json`` records."""
     _check_int("num_classes", num_classes, 1, len(MOTIONS), f" (the number of defined motions: {', '.join(MOTIONS)})")
     for name, value in (
         ("train_per_class", train_per_class),
@@ -135,7 +177,6 @@ def write_corpus(
     _check_int("fps", fps, 1)
     _check_int("seed", seed, 0)
 
-    out = Path(out_dir)
     params = dict(
         num_classes=num_classes,
         train_per_class=train_per_class,
@@ -149,14 +190,18 @@ def write_corpus(
     )
     if val_per_class:  # recorded only when used, so corpora written before val existed stay valid
         params.update(val_per_class=val_per_class, val_scenes=val_scenes)
-    _claim(out, params)
+    return params
 
+
+def _plan_videos(
+    num_classes: int, per_class: dict[str, int], train_scenes: int, test_scenes: int, val_scenes: int, seed: int
+) -> list[_Video]:
+    """The corpus's videos in manifest order, each split's scenes drawn from its own pool."""
     pools = {
         "train": range(train_scenes),
         "test": range(train_scenes, train_scenes + test_scenes),
         "val": range(train_scenes + test_scenes, train_scenes + test_scenes + val_scenes),
     }
-    per_class = {"train": train_per_class, "test": test_per_class, "val": val_per_class}
     videos = []
     for split in SPLITS:
         for c, label in enumerate(MOTIONS[:num_classes]):
@@ -166,7 +211,22 @@ def write_corpus(
                 pick = np.random.default_rng([seed, _PICK_STREAM, SPLITS.index(split), c, i])
                 pool = pools[split]
                 videos.append(_Video(split, label, i, pool[int(pick.integers(len(pool)))]))
+    return videos
 
+
+def _write_videos(
+    out: Path,
+    videos: list[_Video],
+    num_classes: int,
+    per_class: dict[str, int],
+    seed: int,
+    frames: int,
+    size: int,
+    fps: int,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Render and encode the videos not yet under ``out``, on ``workers`` processes."""
     todo = [v for v in videos if not (out / v.path).exists()]
     for label in MOTIONS[:num_classes]:
         for split in (s for s in SPLITS if per_class[s]):
@@ -190,10 +250,6 @@ def write_corpus(
                             pool.shutdown(cancel_futures=True)
                             raise f.exception()
                     bar.update(len(done))
-
-    manifest = out / "manifest.csv"
-    _atomic_write(manifest, _manifest_text(videos))
-    return manifest
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: str = "") -> None:

@@ -202,6 +202,36 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     vout.codec_context.gop_size = cfg.gop
     deterministic_x264(vout, crf=cfg.crf, preset=cfg.preset, gop=cfg.gop, tune=cfg.tune)
 
+    frames = _encode_frames(container, stream, out, vout, src_rate, out_rate, width, height, cfg)
+    if isinstance(frames, Rejected):
+        return frames
+    written, seen, partial = frames
+    if written == 0:
+        out.close()
+        return Rejected("zero decodable video frames")
+    if seen == 1 and (fmt in _ANIMATED_IMAGE or not container.duration and not stream.duration):
+        # A still image in a format that can also animate; a real 1-frame video has a duration.
+        out.close()
+        return Rejected(f"not a video: a single frame in {fmt} (a still image)")
+    for packet in vout.encode(None):
+        out.mux(packet)
+    out.close()
+    return Encoded(
+        mp4=buf.getvalue(),
+        sha256=sha,
+        fps=float(out_rate),
+        frames=written,
+        width=width,
+        height=height,
+        duration=written / float(out_rate),
+        partial=partial,
+    )
+
+
+def _encode_frames(
+    container, stream, out, vout, src_rate: Fraction, out_rate: Fraction, width: int, height: int, cfg: ShardConfig
+) -> tuple[int, int, str | None] | Rejected:
+    """Encode ``stream``'s frames into ``vout``; return (written, decoded, partial), or a Rejected if none decoded."""
     frame_tb = 1 / out_rate
     written = seen = 0
     start = None
@@ -231,23 +261,4 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
             out.close()
             return Rejected(f"undecodable video stream: {e}")
         partial = f"decoding stopped after {written} frames: {e}"
-    if written == 0:
-        out.close()
-        return Rejected("zero decodable video frames")
-    if seen == 1 and (fmt in _ANIMATED_IMAGE or not container.duration and not stream.duration):
-        # A still image in a format that can also animate; a real 1-frame video has a duration.
-        out.close()
-        return Rejected(f"not a video: a single frame in {fmt} (a still image)")
-    for packet in vout.encode(None):
-        out.mux(packet)
-    out.close()
-    return Encoded(
-        mp4=buf.getvalue(),
-        sha256=sha,
-        fps=float(out_rate),
-        frames=written,
-        width=width,
-        height=height,
-        duration=written / float(out_rate),
-        partial=partial,
-    )
+    return written, seen, partial

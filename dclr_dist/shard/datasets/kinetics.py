@@ -117,6 +117,11 @@ def _kinetics(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[st
             f"no rows of split '{split}' in {', '.join(str(p) for p, _, _ in tables)}; pass the "
             f"{split} CSV to --annotations"
         )
+    return _kinetics_inputs(root, selected, split), classes
+
+
+def _kinetics_inputs(root: Path, selected: list[tuple[Path, int, dict[str, str]]], split: str) -> list[Input]:
+    """The inputs of the selected annotation rows: each row's video under ``root``, or why it cannot be packed."""
     videos = _index_videos(root)
     inputs = []
     for path, n, row in selected:
@@ -151,4 +156,4 @@ def _kinetics(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[st
             problem = f"missing: {stem}.mp4 is not under {root} ({where})"
         rel = found[0] if found else f"{stem}.mp4"
         inputs.append(Input(rel, str(root / rel), label, split, meta, problem))
-    return inputs, classes
+    return inputs
