@@ -36,7 +36,7 @@ from dclr_dist.data.shards import (
     shard_order,
     stream_parts,
 )
-from dclr_dist.storage import ShardReplaced, gopen_s3
+from dclr_dist.s3stream import ShardReplaced, gopen_s3
 
 __all__ = [
     "DEFAULT_GOP",

@@ -16,7 +16,7 @@ cannot say how many samples followed a break; the warning says so. S3 streams th
 mid-shard are resumed at the byte where they broke (a ranged GET), so a flaky link costs
 neither data nor duplicates; every resuming GET is pinned to the first response's ETag
 (If-Match), so a shard replaced mid-read is skipped and counted, never spliced from two
-versions (``storage.gopen_s3``, WebDataset's s3:// handler here). Each batch carries the
+versions (``s3stream.gopen_s3``, WebDataset's s3:// handler here). Each batch carries the
 stream's count since its previous batch (``skipped_samples``, ``skipped_shards``); summing
 them over the batches of all ranks gives the run's total. Training stops with an error only
 when nothing can be read: every shard in a row failing, or a stream's first 50 samples all
@@ -33,14 +33,14 @@ from collections.abc import Iterable, Iterator
 
 from webdataset.gopen import gopen, gopen_schemes
 
-from dclr_dist import storage
+from dclr_dist import s3stream, storage
 from dclr_dist.data.errors import DamagedSample, DataError
 from dclr_dist.data.shards import _REPACK, Part, Shard
 
 log = logging.getLogger(__name__)
 
 # WebDataset 1.0.2 reads s3:// only through `pipe:aws s3 cp ...` (a CLI and a process per shard).
-gopen_schemes["s3"] = storage.gopen_s3
+gopen_schemes["s3"] = s3stream.gopen_s3
 
 # A stream whose first this-many samples are all damaged is reading something that is not
 # our shard format (or hit a bug): stop instead of skipping forever.

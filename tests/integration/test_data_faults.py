@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import tar_bytes
 
-from dclr_dist import data, storage
+from dclr_dist import data, s3stream, storage
 from dclr_dist.config import DataConfig, ViewsConfig, load_config
 from dclr_dist.data import DataError, Part, Shard, eval_loader, read_parts, resolve_shards, to_device, train_loader
 from dclr_dist.model import VIEWS
@@ -96,7 +96,7 @@ def test_skipping_to_a_range_inside_a_shard_reads_the_same_samples_on_s3(bucket,
     local = read(str(tmp_path / "s.tar"))
     assert [s["__key__"] for s in local] == ["b", "c"]
     assert read(f"{bucket}/s.tar") == local  # short skips read through the open body
-    monkeypatch.setattr(storage, "_SKIP_BY_READING", 0)
+    monkeypatch.setattr(s3stream, "_SKIP_BY_READING", 0)
     assert read(f"{bucket}/s.tar") == local  # each skip a new ranged GET, pinned to the first ETag
 
 
@@ -114,11 +114,11 @@ def test_s3_shard_replaced_between_a_cut_and_its_resume_is_skipped_not_spliced(
 
     # The raw reader: a few bytes, the object replaced, then the cut; the resuming GET is refused.
     flaky_proxy(cut=1, cut_after=6000)
-    raw = storage._S3Reader(url, attempts=3)
+    raw = s3stream._S3Reader(url, attempts=3)
     buf = bytearray(1000)
     assert raw.readinto(buf) == 1000 and buf == old[:1000]
     storage.write_bytes(url, new)
-    with pytest.raises(storage.ShardReplaced, match=rf"{url}: replaced while it was being read, at byte \d+"):
+    with pytest.raises(s3stream.ShardReplaced, match=rf"{url}: replaced while it was being read, at byte \d+"):
         while raw.readinto(buf):
             pass
     raw.close()

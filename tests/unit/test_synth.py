@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from dclr_dist.shard import synth
+from dclr_dist.shard import render, synth
 from dclr_dist.shard.__main__ import _synth_parser
 from dclr_dist.shard.__main__ import main as shard_main
 
@@ -115,7 +115,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(small, tmp_path):
 def test_scene_column_is_the_scene_in_the_pixels(small):
     # The median over time removes the moving object; it must be nearest to the recorded
     # scene among all scenes of the three pools.
-    scenes = [synth.render_scene(i, 64, 0) * 255 for i in range(7)]
+    scenes = [render.render_scene(i, 64, 0) * 255 for i in range(7)]
     for r in _rows(small)[::5]:
         background = np.median(_decode(small.parent / r["path"]), axis=0)
         errors = [np.abs(background - s).mean() for s in scenes]
