@@ -27,6 +27,7 @@ import torch
 from dclr_dist import storage
 from dclr_dist.checkpoint import CHECKPOINT_HELP, CheckpointError, load_backbone, load_meta, resolve_checkpoint
 from dclr_dist.config import Config, ConfigError, config_from_dict, load_config
+from dclr_dist.data import index_url
 from dclr_dist.evaluation import EvalError
 from dclr_dist.evaluation.features import extract, extract_on_workers
 from dclr_dist.evaluation.finetune import finetune
@@ -75,7 +76,7 @@ def _index_classes(urls: list[str]) -> list[str] | None:
     for entry in urls:
         if entry.endswith((".tar", ".tar.gz", ".tgz")) or "{" in entry:
             return None
-        url = entry if entry.endswith(".json") else storage.join(entry, "index.json")
+        url = index_url(entry)
         try:
             got = json.loads(storage.read_bytes(url)).get("classes")
         except FileNotFoundError:

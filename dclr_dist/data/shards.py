@@ -91,7 +91,7 @@ def resolve_shards(urls: list[str]) -> list[Shard]:
                 listed = beside[folder].get(name)
                 shards.append(Shard(url, listed.samples, listed.gop) if listed else Shard(url, None, DEFAULT_GOP))
             else:
-                shards.extend(_read_index(url if url.endswith(".json") else storage.join(url, "index.json")))
+                shards.extend(_read_index(index_url(url)))
     for shard in shards:
         _check_url(shard.url)  # names an index.json lists, too
     if not shards:
@@ -123,6 +123,11 @@ def _index_shards(url: str) -> list[Shard]:
     index = json.loads(storage.read_bytes(url))
     gop = int(index.get("encoding", {}).get("gop", DEFAULT_GOP))
     return [Shard(storage.join(_folder(url), s["name"]), int(s["samples"]), gop) for s in index["shards"]]
+
+
+def index_url(entry: str) -> str:
+    """The index.json a folder (or prefix) entry of data.train / data.eval stands for, or the entry itself."""
+    return entry if entry.endswith(".json") else storage.join(entry, "index.json")
 
 
 def _read_index(url: str) -> list[Shard]:

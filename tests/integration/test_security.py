@@ -43,16 +43,8 @@ def ray_local(secrets):
     # Started after the credentials are set: the node's own environment, as on a machine
     # with a profile or an instance role; nothing forwards them. Train's run state (what
     # the dashboard shows) is kept only when asked for.
-    saved = os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING")
-    os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
-    try:
-        with local_ray("/tmp/rt-sec", num_cpus=2):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_TRAIN_ENABLE_STATE_TRACKING")
-        else:
-            os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = saved
+    with environment({"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}), local_ray("/tmp/rt-sec", num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")
