@@ -142,7 +142,7 @@ def build_method(cfg: Config, device: torch.device):
     set_sync(model, bn_group(cfg.model.bn_sync))
     if e.compile:
         model.compile_backbones()
-    criterion = DCLRLoss(dim=cfg.model.dim, **asdict(cfg.loss)).to(device)
+    criterion = DCLRLoss(dim=cfg.model.dim, grad_accum=cfg.train.grad_accum, **asdict(cfg.loss)).to(device)
     return model, criterion
 
 

@@ -15,9 +15,18 @@ dynamic neighbours only) or "none" (the paired key only). On data whose scene is
 independent of the action, static+dynamic neighbours are mostly same-scene videos, and
 L_vv then pulls RGB embeddings together by scene. The probes are the key encoder's
 g_sv(s_q), g_dv(d_q); candidates are compared with the static (dynamic) keys at the same
-index, so one neighbour set serves both directions. No cross-video positive is used in
-the first ``topk_warmup`` training steps (counted by the loss): until the embeddings
-have learned something, the nearest neighbours are noise (the static ones: scene).
+index, so one neighbour set serves both directions. L_vv takes no cross-video positive in
+the first ``topk_warmup`` optimizer steps (training forwards / ``grad_accum``): until the
+embeddings have learned something, its neighbours are noise (the static ones: scene). The
+decoupling terms' neighbours are not gated: they compare static with static and dynamic
+with dynamic embeddings, which is what those terms train.
+
+Own-video keys: a queue much shorter than an epoch still holds an older key of the query's
+own video for a fair share of queries (16-25% on the synthetic corpora). As a negative it
+is a false negative for every method; as a top-k candidate it is a near-certain "cross-video"
+positive for DCLR only, which would favour DCLR for a reason that is not the method. With
+``video`` ids (the loader's, one per sample key) every queue slot remembers its video, and
+slots of the query's own video are neither negatives nor candidates, for every method.
 
     term    query     candidate keys
     L_vv    g_vv(v)   g_vv(v')
@@ -148,6 +157,7 @@ class DCLRLoss(nn.Module):
         vv_positives: str = "static+dynamic",
         topk_warmup: int = 0,
         in_batch: bool = False,
+        grad_accum: int = 1,
     ):
         """
         dim: embedding dimension (the model's)
@@ -156,14 +166,15 @@ class DCLRLoss(nn.Module):
         topk: cross-video positives per query (paper: 5; 0 for the baseline)
         w_vv, w_s, w_d, w_align: loss weights (released code: 1, 1, 1, 0.1)
         vv_positives: how L_vv's cross-video positives are chosen, one of VV_POSITIVES
-        topk_warmup: training steps (forward calls in training mode) before any cross-video positive
+        topk_warmup: optimizer steps before L_vv takes cross-video positives
         in_batch: negatives from the global batch, gathered with gradient, instead of queues
+        grad_accum: training forwards per optimizer step (the trainer's train.grad_accum)
         """
         super().__init__()
         if vv_positives not in VV_POSITIVES:
             raise ValueError(f"vv_positives {vv_positives!r} is not one of {VV_POSITIVES}")
         self.tau, self.topk, self.in_batch = tau, topk, in_batch
-        self.vv_positives, self.topk_warmup = vv_positives, topk_warmup
+        self.vv_positives, self.warmup_forwards = vv_positives, topk_warmup * grad_accum
         self.w = {"vv": w_vv, "v_s": w_s, "s_v": w_s, "v_d": w_d, "d_v": w_d, "align": w_align}
         # Random unit keys (MoCo) from a fixed seed, so all ranks start with the same queues.
         # Negatives only: unfilled entries are never chosen as neighbours.
@@ -173,15 +184,19 @@ class DCLRLoss(nn.Module):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot of the ring
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots holding real keys
+        self.register_buffer("queue_video", torch.full((K,), -1, dtype=torch.long))  # each slot's video id; -1: none
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards, for topk_warmup
+        self.register_load_state_dict_pre_hook(_no_video_ids)
 
-    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, out: dict[str, torch.Tensor], video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``video``: (B,) non-negative int64 ids of the batch's videos (the loader's "video");
+        None: no own-video masking (each query only knows its paired key)."""
         # fp32 whatever the model's dtype and whichever autocast region the caller is in: bf16
         # cosines divided by tau = 0.07 are off by up to ~0.03.
         with torch.autocast(out["q"].device.type, enabled=False):
-            return self._forward({n: fp32_or_wider(x) for n, x in out.items()})
+            return self._forward({n: fp32_or_wider(x) for n, x in out.items()}, video)
 
-    def _forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _forward(self, out: dict[str, torch.Tensor], video: torch.Tensor | None) -> dict[str, torch.Tensor]:
         q, k, p = (F.normalize(out[n], dim=-1) for n in ("q", "k", "p"))  # (B, 5, D) (B, 5, D) (B, 2, D)
         B = q.shape[0]
         if self.in_batch != k.requires_grad and torch.is_grad_enabled():
@@ -196,25 +211,30 @@ class DCLRLoss(nn.Module):
             paired = (
                 torch.arange(bank.shape[0], device=q.device) == (torch.arange(B, device=q.device) + rank * B)[:, None]
             )
-            valid = ~paired
+            valid, own = ~paired, None
         else:
             # A copy: the enqueue below must not overwrite what backward still reads.
             bank = self.queue.clone()  # (K, 5, D)
             valid = (torch.arange(bank.shape[0], device=q.device) < self.queue_filled).expand(B, -1)  # (B, K)
+            own = None if video is None else self.queue_video == video[:, None]  # (B, K): older keys of its video
+            if own is not None:
+                valid = valid & ~own
 
         # Cross-video search, no gradient: probes against the static and dynamic candidate keys.
-        # After the warm-up only; a tensor comparison, so no host sync.
         cand = bank.detach()
-        valid = valid & (self.steps >= self.topk_warmup)
         sim_s, sim_d = p[:, 0] @ cand[:, SV].T, p[:, 1] @ cand[:, DV].T  # (B, N)
         near = {"s": top_k_mask(sim_s, self.topk, valid), "d": top_k_mask(sim_d, self.topk, valid)}  # (B, N)
+        # L_vv after its warm-up only; a tensor comparison, so no host sync.
+        valid_vv = valid & (self.steps >= self.warmup_forwards)
         if self.vv_positives == "static+dynamic":
-            both = sim_s.masked_fill(~valid, float("-inf")).softmax(1) + sim_d.masked_fill(
-                ~valid, float("-inf")
+            both = sim_s.masked_fill(~valid_vv, float("-inf")).softmax(1) + sim_d.masked_fill(
+                ~valid_vv, float("-inf")
             ).softmax(1)
-            near["vv"] = top_k_mask(both.nan_to_num(0.0), self.topk, valid)
+            near["vv"] = top_k_mask(both.nan_to_num(0.0), self.topk, valid_vv)
+        elif self.vv_positives == "dynamic":
+            near["vv"] = top_k_mask(sim_d, self.topk, valid_vv)
         else:
-            near["vv"] = near["d"] if self.vv_positives == "dynamic" else torch.zeros_like(valid)
+            near["vv"] = torch.zeros_like(valid)
 
         terms = {}
         for name, (a, b, by) in TERMS.items():
@@ -223,7 +243,10 @@ class DCLRLoss(nn.Module):
                 logits, pos = q[:, a] @ bank[:, b].T, paired | nbr  # (B, N)
             else:
                 l_pos = (q[:, a] * k[:, b]).sum(-1, keepdim=True)  # (B, 1)
-                logits = torch.cat([l_pos, q[:, a] @ bank[:, b].T], 1)  # (B, 1 + K)
+                l_neg = q[:, a] @ bank[:, b].T  # (B, K)
+                if own is not None:  # neither negative nor positive
+                    l_neg = l_neg.masked_fill(own, float("-inf"))
+                logits = torch.cat([l_pos, l_neg], 1)  # (B, 1 + K)
                 pos = torch.cat([torch.ones_like(l_pos, dtype=torch.bool), nbr], 1)
             terms[name] = info_nce(logits, pos, self.tau)
         terms["align"] = F.mse_loss(out["A_v"], (out["A_s"] + out["A_d"]) / 2)
@@ -231,14 +254,24 @@ class DCLRLoss(nn.Module):
         if self.training:
             self.steps.add_(1)
             if not self.in_batch:
-                self._enqueue(all_gather(k))
+                ids = torch.full((B,), -1, dtype=torch.long, device=q.device) if video is None else video
+                self._enqueue(all_gather(k), all_gather(ids))
         return {"loss": sum(self.w[n] * t for n, t in terms.items()), **terms}
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (N, 5, D), in order, into the ring at queue_ptr; with N > K the last K remain."""
+    def _enqueue(self, keys: torch.Tensor, video: torch.Tensor) -> None:
+        """Write keys (N, 5, D) and their video ids (N,), in order, into the ring at queue_ptr;
+        with N > K the last K remain."""
         N, K = keys.shape[0], self.queue.shape[0]
         j = torch.arange(max(0, N - K), N, device=keys.device)
-        self.queue[(self.queue_ptr + j) % K] = keys[j]
+        slots = (self.queue_ptr + j) % K
+        self.queue[slots] = keys[j]
+        self.queue_video[slots] = video[j]
         self.queue_ptr.copy_((self.queue_ptr + N) % K)
         self.queue_filled.add_(N).clamp_(max=K)
+
+
+def _no_video_ids(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before queues remembered their videos: no slot has a known video."""
+    if prefix + "queue" in state_dict and prefix + "queue_video" not in state_dict:
+        state_dict[prefix + "queue_video"] = torch.full_like(module.queue_video, -1)

@@ -278,8 +278,8 @@ class LossConfig:
     # similarities), "dynamic" (by motion only) or "none" (the other clip only). Static
     # neighbours are same-scene videos where scene and action are independent (README).
     vv_positives: Literal["static+dynamic", "dynamic", "none"] = "static+dynamic"
-    # Optimizer steps (training forwards) before any cross-video positive is used: at first
-    # the embeddings' nearest neighbours are noise.
+    # Optimizer steps before L_vv takes cross-video positives (the decoupling terms take
+    # theirs from the start): at first the embeddings' nearest neighbours are noise.
     topk_warmup: int = 0
     # Weight of L_vv, RGB clip against RGB clip (paper: 1).
     w_vv: float = 1.0

@@ -33,6 +33,7 @@ Training batch from the loader (``views.augment_on: device``), H x W the decoded
                                           blur and flip parameters (rows views.ROWS)
     label:      (B,) int64                class index, -1 where the record has none (DCLR is self-supervised)
     key:        list of B str             sample keys
+    video:      (B,) int64                ``video_id`` of each key, for the loss's own-video mask
     skipped_samples, skipped_shards: () int64   damage since this stream's previous batch
 After ``to_device`` (or from the loader itself with ``views.augment_on: worker``):
     q, k, static_q, static_k, dynamic_q, dynamic_k: (B, 3, T, S, S) float32, normalised,
@@ -47,6 +48,7 @@ Evaluation batch (``eval_loader``; every video once across ranks, in shard order
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections import deque
@@ -189,6 +191,12 @@ def _eval_item(sample: dict, cfg: ViewsConfig, num_clips: int) -> dict:
     }
 
 
+def video_id(key: str) -> int:
+    """A non-negative int64 id of a sample key, the same in every process (unlike hash()): the
+    loss keeps a query's own video out of its negatives by it (``dclr_dist.loss``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _frames(videos: list[list[np.ndarray]]) -> torch.Tensor:
     """Each video's frames, (H, W, 3) uint8, in one (B, L, H, W, 3) uint8 tensor: one copy.
 
@@ -211,7 +219,11 @@ def _frames(videos: list[list[np.ndarray]]) -> torch.Tensor:
 
 
 def _collate(items: list[dict], skips: _Skips) -> dict:
-    batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items])}
+    batch = {
+        "key": [it["key"] for it in items],
+        "video": torch.tensor([video_id(it["key"]) for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+    }
     if "aug" in items[0]:
         for name in ("q", "k"):
             batch[name] = _frames([it[name] for it in items]).permute(0, 4, 1, 2, 3)  # (B, 3, T+1, H, W)

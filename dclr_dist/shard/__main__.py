@@ -236,6 +236,7 @@ def _report_pack(result, output: str) -> int:
 
 
 def _synth_parser() -> argparse.ArgumentParser:
+    from dclr_dist.shard.family import VARIANTS
     from dclr_dist.shard.synth import MIN_FRAMES, MOTIONS, write_corpus
 
     d = write_corpus.__kwdefaults__
@@ -255,11 +256,19 @@ def _synth_parser() -> argparse.ArgumentParser:
         "interrupted corpus",
     )
     p.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        help="a corpus of the motion family (dclr_dist/shard/family.py): "
+        + "; ".join(f"{name}: {v.note}" for name, v in VARIANTS.items())
+        + " (default: the scene-bias corpus)",
+    )
+    p.add_argument(
         "--classes",
         type=int,
         default=d["num_classes"],
         metavar="N",
-        help=f"number of motion classes, the first N of: {', '.join(MOTIONS)} (default {d['num_classes']})",
+        help=f"number of motion classes, the first N of: {', '.join(MOTIONS)}, or of the variant's "
+        "(default: 6, or all of the variant's)",
     )
     p.add_argument(
         "--train-per-class",
@@ -339,12 +348,14 @@ def _synth_parser() -> argparse.ArgumentParser:
 
 
 def _synth(argv: list[str]) -> int:
+    from dclr_dist.shard.family import VARIANTS
     from dclr_dist.shard.synth import write_corpus
 
     args = _synth_parser().parse_args(argv)
     try:
         manifest = write_corpus(
             args.output,
+            variant=args.variant,
             num_classes=args.classes,
             train_per_class=args.train_per_class,
             test_per_class=args.test_per_class,
@@ -361,9 +372,10 @@ def _synth(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    classes = args.classes or (len(VARIANTS[args.variant].motions) if args.variant else 6)
     print(
-        f"synthetic corpus: {args.classes * args.train_per_class} train + "
-        f"{args.classes * args.test_per_class} test videos, {args.classes} motion classes, "
+        f"synthetic corpus: {classes * args.train_per_class} train + "
+        f"{classes * args.test_per_class} test videos, {classes} motion classes, "
         f"{args.train_scenes} train + {args.test_scenes} test scenes; manifest {manifest}"
     )
     return 0

@@ -38,6 +38,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from tqdm import tqdm
 
+from dclr_dist.shard import family
 from dclr_dist.shard.render import _OBJECT_STREAM, _PICK_STREAM, _render_video, _to_yuv420p
 from dclr_dist.shard.transcode import MP4_BITEXACT, deterministic_x264
 
@@ -63,6 +64,7 @@ class _Video:
     label: str
     index: int  # within (split, label)
     scene: int
+    variant: str | None = None  # a corpus of the family (``family.VARIANTS``); None: the scene-bias corpus
 
     @property
     def path(self) -> str:
@@ -70,13 +72,15 @@ class _Video:
         return f"{self.split}/{self.label}/{self.label}_s{self.scene:03d}_v{self.index:04d}.mp4"
 
     def key(self, seed: int) -> list[int]:
-        return [seed, _OBJECT_STREAM, SPLITS.index(self.split), MOTIONS.index(self.label), self.index]
+        # MOTION_VOCABULARY extends MOTIONS, so the scene-bias corpus's videos keep their keys.
+        return [seed, _OBJECT_STREAM, SPLITS.index(self.split), family.MOTION_VOCABULARY.index(self.label), self.index]
 
 
 def write_corpus(
     out_dir: str | os.PathLike,
     *,
-    num_classes: int = 6,
+    variant: str | None = None,
+    num_classes: int | None = None,
     train_per_class: int = 8,
     test_per_class: int = 4,
     train_scenes: int = 8,
@@ -92,7 +96,9 @@ def write_corpus(
 ) -> Path:
     """Write ``out_dir/{train,test[,val]}/<motion>/*.mp4`` and ``out_dir/manifest.csv``; return the manifest's path.
 
-    The classes are the first ``num_classes`` of ``MOTIONS``; each video shows one scene
+    The classes are the first ``num_classes`` (default 6) of ``MOTIONS``, or with ``variant``
+    the motions of that corpus of the family (``family.VARIANTS``, drawn by
+    ``family.render_variant``; ``num_classes`` then takes the first of them); each video shows one scene
     from its split's pool (``train_scenes`` ids, then ``test_scenes`` more, then
     ``val_scenes`` more: a validation split whose scenes are neither trained on nor
     tested, for choosing checkpoints and settings without looking at the test split), ``frames``
@@ -104,7 +110,11 @@ def write_corpus(
     written with other arguments is refused rather than silently mixed: the arguments are
     recorded in ``synth.json``.
     """
+    motions = variant_motions(variant)
+    if num_classes is None:
+        num_classes = len(motions) if variant else 6
     params = _checked_params(
+        motions=motions,
         num_classes=num_classes,
         train_per_class=train_per_class,
         test_per_class=test_per_class,
@@ -122,16 +132,22 @@ def write_corpus(
     _claim(out, params)
 
     per_class = {"train": train_per_class, "test": test_per_class, "val": val_per_class}
-    videos = _plan_videos(num_classes, per_class, train_scenes, test_scenes, val_scenes, seed)
-    _write_videos(out, videos, num_classes, per_class, seed, frames, size, fps, workers, progress)
+    videos = _plan_videos(motions[:num_classes], per_class, train_scenes, test_scenes, val_scenes, seed, variant)
+    _write_videos(out, videos, motions[:num_classes], per_class, seed, frames, size, fps, workers, progress)
 
     manifest = out / "manifest.csv"
     _atomic_write(manifest, _manifest_text(videos))
     return manifest
 
 
+def variant_motions(name: str | None) -> tuple[str, ...]:
+    """The motions a corpus's classes are taken from: ``MOTIONS``, or those of a family variant."""
+    return MOTIONS if name is None else family.variant(name).motions
+
+
 def _checked_params(
     *,
+    motions: tuple[str, ...],
     num_classes: int,
     train_per_class: int,
     test_per_class: int,
@@ -146,7 +162,7 @@ def _checked_params(
     workers: int,
 ) -> dict:
     """Check ``write_corpus``'s arguments; return those that ``synth.json`` records."""
-    _check_int("num_classes", num_classes, 1, len(MOTIONS), f" (the number of defined motions: {', '.join(MOTIONS)})")
+    _check_int("num_classes", num_classes, 1, len(motions), f" (the number of defined motions: {', '.join(motions)})")
     for name, value in (
         ("train_per_class", train_per_class),
         ("test_per_class", test_per_class),
@@ -177,11 +193,19 @@ def _checked_params(
     )
     if val_per_class:  # recorded only when used, so corpora written before val existed stay valid
         params.update(val_per_class=val_per_class, val_scenes=val_scenes)
+    if motions is not MOTIONS:  # likewise: corpora written before the family existed
+        params.update(motions=list(motions))
     return params
 
 
 def _plan_videos(
-    num_classes: int, per_class: dict[str, int], train_scenes: int, test_scenes: int, val_scenes: int, seed: int
+    classes: tuple[str, ...],
+    per_class: dict[str, int],
+    train_scenes: int,
+    test_scenes: int,
+    val_scenes: int,
+    seed: int,
+    variant: str | None,
 ) -> list[_Video]:
     """The corpus's videos in manifest order, each split's scenes drawn from its own pool."""
     pools = {
@@ -191,20 +215,20 @@ def _plan_videos(
     }
     videos = []
     for split in SPLITS:
-        for c, label in enumerate(MOTIONS[:num_classes]):
+        for c, label in enumerate(classes):
             for i in range(per_class[split]):
                 # Uniform over the split's pool, from a generator of its own: the class only
                 # enters its key, so the scene is independent of the class.
                 pick = np.random.default_rng([seed, _PICK_STREAM, SPLITS.index(split), c, i])
                 pool = pools[split]
-                videos.append(_Video(split, label, i, pool[int(pick.integers(len(pool)))]))
+                videos.append(_Video(split, label, i, pool[int(pick.integers(len(pool)))], variant))
     return videos
 
 
 def _write_videos(
     out: Path,
     videos: list[_Video],
-    num_classes: int,
+    classes: tuple[str, ...],
     per_class: dict[str, int],
     seed: int,
     frames: int,
@@ -215,7 +239,7 @@ def _write_videos(
 ) -> None:
     """Render and encode the videos not yet under ``out``, on ``workers`` processes."""
     todo = [v for v in videos if not (out / v.path).exists()]
-    for label in MOTIONS[:num_classes]:
+    for label in classes:
         for split in (s for s in SPLITS if per_class[s]):
             (out / split / label).mkdir(parents=True, exist_ok=True)
     jobs = [(out / v.path, v, seed, frames, size, fps) for v in todo]
@@ -280,7 +304,18 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _write_video(path: Path, video: _Video, seed: int, frames: int, size: int, fps: int) -> None:
-    rgb = _render_video(video.label, video.scene, key=video.key(seed), frames=frames, size=size, seed=seed)
+    if video.variant is None:
+        rgb = _render_video(video.label, video.scene, key=video.key(seed), frames=frames, size=size, seed=seed)
+    else:
+        rgb = family.render_variant(
+            family.variant(video.variant),
+            video.label,
+            video.scene,
+            key=video.key(seed),
+            frames=frames,
+            size=size,
+            seed=seed,
+        )
     planes = _to_yuv420p(rgb)
     tmp = path.with_name(path.name + ".part")
     try:

@@ -34,9 +34,10 @@ def test_top_k_mask_picks_nearest_valid_candidates():
     assert not top_k_mask(sim, 2, torch.zeros_like(valid)).any()  # empty queue: no neighbours
 
 
-def enqueue_ids(criterion, ids):
-    """Enqueue keys whose every entry is its id."""
-    criterion._enqueue(torch.tensor(ids, dtype=torch.float).view(-1, 1, 1).expand(-1, 5, 2))
+def enqueue_ids(criterion, ids, videos=None):
+    """Enqueue keys whose every entry is its id (video ids: -1, unknown, unless given)."""
+    videos = torch.full((len(ids),), -1) if videos is None else torch.tensor(videos)
+    criterion._enqueue(torch.tensor(ids, dtype=torch.float).view(-1, 1, 1).expand(-1, 5, 2), videos)
 
 
 def queue_ids(criterion):
@@ -157,17 +158,52 @@ def test_vv_neighbours_rank_by_the_sum_of_softmaxes_as_released():
     assert criterion(out)["vv"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_no_cross_video_positive_before_the_warm_up_ends():
-    criterion = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=1, topk_warmup=3).eval()
-    enqueue_ids(criterion, [0, 0])
+def hand_queue(criterion, videos=None):
+    enqueue_ids(criterion, [0, 0], videos)
     criterion.queue.copy_(torch.stack([unit(0, 1), unit(-1, 0)]).unsqueeze(1).expand(2, 5, 2))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_l_vv_takes_no_cross_video_positive_before_its_warm_up_ends(grad_accum):
+    criterion = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=1, topk_warmup=3, grad_accum=grad_accum).eval()
+    hand_queue(criterion)
     single = math.log(1 + math.exp(-2) + math.exp(-4))
-    criterion.steps.fill_(2)
-    assert criterion(hand_case())["v_s"].item() == pytest.approx(single, rel=1e-5)
-    criterion.steps.fill_(3)
-    assert criterion(hand_case())["v_s"].item() < single - 0.1  # e0 joined the positives
+    criterion.steps.fill_(3 * grad_accum - 1)  # training forwards: one short of 3 optimizer steps
+    terms = criterion(hand_case())
+    assert terms["vv"].item() == pytest.approx(single, rel=1e-5)
+    assert terms["v_s"].item() < single - 0.1  # the decoupling terms' neighbours are not gated
+    criterion.steps.fill_(3 * grad_accum)
+    with_e1 = math.log(1 + 1 / (math.exp(2) + math.exp(-2)))  # e1 (the sum's nearest) joined the positives
+    assert criterion(hand_case())["vv"].item() == pytest.approx(with_e1, rel=1e-5)
     criterion.train()(hand_case())
-    assert criterion.steps.item() == 4  # training forwards are counted
+    assert criterion.steps.item() == 3 * grad_accum + 1  # training forwards are counted
+
+
+def test_older_keys_of_the_query_s_own_video_are_neither_negatives_nor_neighbours():
+    # Baseline (no neighbours): e1 = (-1, 0) is the query's own video (8), so it leaves the
+    # denominator: logits [q.k, q.e0] / tau = [2, 0] only.
+    baseline = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=0).eval()
+    hand_queue(baseline, videos=[7, 8])
+    assert baseline(hand_case(), torch.tensor([8]))["vv"].item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-5)
+    three = math.log(1 + math.exp(-2) + math.exp(-4))  # e1 a negative: no ids, or another video's
+    assert baseline(hand_case())["vv"].item() == pytest.approx(three, rel=1e-5)
+    assert baseline(hand_case(), torch.tensor([9]))["vv"].item() == pytest.approx(three, rel=1e-5)
+    # DCLR: without ids e1 is the dynamic neighbour; as the query's own video it is not, and
+    # the nearest other video, e0, is: every remaining logit is then a positive.
+    dclr = DCLRLoss(dim=2, queue_size=2, tau=0.5, topk=1).eval()
+    hand_queue(dclr, videos=[7, 8])
+    assert dclr(hand_case())["v_d"].item() == pytest.approx(math.log(1 + 1 / (math.exp(2) + math.exp(-2))), rel=1e-5)
+    assert dclr(hand_case(), torch.tensor([8]))["v_d"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_queues_remember_each_slot_s_video_and_older_checkpoints_load():
+    criterion = DCLRLoss(dim=2, queue_size=3).train()
+    criterion(hand_case(), torch.tensor([42]))
+    assert criterion.queue_video.tolist() == [42, -1, -1]
+    old = {k: v for k, v in criterion.state_dict().items() if k != "queue_video"}  # written before ids
+    restored = DCLRLoss(dim=2, queue_size=3)
+    restored.load_state_dict(old)
+    assert restored.queue_video.tolist() == [-1, -1, -1] and torch.equal(restored.queue, criterion.queue)
 
 
 def test_in_batch_mode_is_cross_entropy_over_the_batch():
@@ -257,7 +293,7 @@ def test_loss_computes_in_fp32_inside_a_bf16_autocast_region():
     }
     bf16 = {n: x.bfloat16() for n, x in out.items()}
     criterion = DCLRLoss(dim=D, queue_size=K, topk=2)
-    criterion._enqueue(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1))
+    criterion._enqueue(F.normalize(torch.randn(K, 5, D, generator=g), dim=-1), torch.arange(K))
     criterion.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = criterion(bf16)

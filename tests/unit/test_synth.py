@@ -205,7 +205,7 @@ def test_invalid_arguments(tmp_path, override, error, message):
 
 def test_command_line(tmp_path, capsys):
     defaults = _synth_parser().parse_args(["--output", "x"])
-    assert (defaults.classes, defaults.frames, defaults.size) == (6, 48, 128)
+    assert (defaults.classes, defaults.variant, defaults.frames, defaults.size) == (None, None, 48, 128)
     assert (
         shard_main(
             [
