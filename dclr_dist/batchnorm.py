@@ -9,12 +9,16 @@ statistics. ``DCLR`` chooses the segments (``bn_layout``):
   every video (the released code's joint pass; README, "Does DCLR follow the motion?");
 - within a view type, ``G`` groups of videos, and in queue (MoCo) mode the key encoder's
   groups cut across the query encoder's: query groups are contiguous runs of the batch,
-  key group h holds videos h, h + G, h + 2G, ... So a query and its positive key are never
-  normalised over the same set of videos (they share B / G**2 of the B / G), while the
-  queue's negatives come from earlier batches: the batch-statistics shortcut that MoCo's
-  shuffle-BN blocks. It holds on one worker as on many, needs no exchange of inputs between
-  workers, and no permutation of maps or probes (the released code's shuffle-BN left the key
-  maps unshuffled).
+  key group h holds videos h, h + G, h + 2G, ... So a query and its positive key are
+  normalised over different sets of videos, which share B / G**2 of their B / G (a fraction
+  1/G), while the queue's negatives come from earlier batches. This reduces the
+  batch-statistics shortcut that MoCo's shuffle-BN reduces; it does not remove it: at G = 2
+  half of each group is shared (3 of a query's 7 batch-mates at B = 16). With G >= sqrt(B)
+  the two groups share no video but the query's own on a worker; synced over N workers
+  (``model.bn_sync``) they share N of N * B / G, still 1/G. MoCo's shuffle across GPUs
+  shares about 1/N_gpu, which falls with workers; this guard's share falls with G only. It
+  needs no exchange of inputs between workers and no permutation of maps or probes (the
+  released code's shuffle-BN left the key maps unshuffled).
 
 Running statistics (used in eval mode, by evaluation and the exported backbone) are
 updated only by the RGB segments, so evaluation normalises RGB clips as training did; the

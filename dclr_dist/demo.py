@@ -8,6 +8,7 @@ in the current directory) -> DCLR pretraining on a local Ray cluster (the shippe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,16 @@ def ensure_demo_shards(cfg: Config, root: Path = DEMO_SHARDS) -> None:
         pack(str(manifest), str(root / split), cfg.shard, split=split, workers=os.cpu_count() or 1)
 
 
+def final_checkpoint(run: Path) -> str:
+    """The run's checkpoint of its last epoch (Ray's checkpoint_* folders, by their meta.json)."""
+    from dclr_dist.checkpoint import CheckpointError
+
+    metas = {m.parent: json.loads(m.read_text())["epoch"] for m in run.glob("checkpoint_*/meta.json")}
+    if not metas:
+        raise CheckpointError(f"{run}: no checkpoint_*/meta.json; the training run did not checkpoint")
+    return str(max(metas, key=metas.__getitem__))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dclr_dist.demo",
@@ -74,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     # The demo ends with what tells a good representation from a bad one: motion accuracy
-    # on the test split's unseen scenes, and how much of the features follow the scene.
+    # on the test split's unseen scenes, and how much of the features follow the scene. Of the
+    # final weights: the k-NN monitor's 48 validation videos (a standard error of ~6 points)
+    # are too few to choose an epoch by.
     run = Path(cfg.train.storage_path) / cfg.train.name
     try:
-        evaluate(str(run), cfg.data.train, [str(DEMO_SHARDS / "test")], ("linear", "knn", "scene"), out=run / "eval")
+        final = final_checkpoint(run)
+        evaluate(final, cfg.data.train, [str(DEMO_SHARDS / "test")], ("linear", "knn", "scene"), out=run / "eval")
     except (EvalError, CheckpointError, DataError) as e:
         print(f"error: evaluation: {e}", file=sys.stderr)
         return 1

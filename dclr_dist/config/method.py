@@ -171,9 +171,10 @@ class ViewsConfig:
     blur_p: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     flip_p: float = 0.5
-    # The static view's crop and flip: "own" (released code: drawn apart from the clip's) or
-    # "clip" (the clip's, so the static activation map is aligned with the RGB features it weights).
-    static_crop: Literal["own", "clip"] = "own"
+    # The static view's crop and flip: "clip" (the clip's, so the static activation map A_s is
+    # aligned with the RGB features it weights) or "own" (the released code: drawn apart from
+    # the clip's, so A_s weights pixels of another crop).
+    static_crop: Literal["own", "clip"] = "clip"
     # Per-channel normalisation (ImageNet statistics, as the released code).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -226,14 +227,16 @@ class ModelConfig:
     # Batch norm statistics per view type (RGB, static, dynamic) within the encoder's one
     # backbone pass; false: joint statistics over all views, as the released code.
     per_view_bn: bool = True
-    # Queue mode: groups of videos per worker with batch norm statistics of their own, cut
-    # differently in the query and key encoders, so a query and its positive key never share
-    # statistics (MoCo's shuffle-BN, dclr_dist.batchnorm). They share B / G**2 of the B / G
-    # videos of a group (1 with G = sqrt(B)); 1 turns the guard off. Must divide data.batch_size.
+    # Queue mode: G groups of videos per worker with batch norm statistics of their own, cut
+    # differently in the query and key encoders (dclr_dist.batchnorm), so a query's group and
+    # its positive key's share B / G**2 of their B / G videos (1/G of each group; with
+    # G >= sqrt(B), no video but the query's own). 1 turns the guard off. Must divide
+    # data.batch_size. With bn_sync the share stays 1/G: it does not fall with workers.
     bn_groups: int = 2
     # Batch norm statistics over: "worker" (each worker's own batch; no collective), "node"
     # (the workers of one node) or "global" (every worker); one all-reduce per BN layer per
-    # pass otherwise. Worth it when a worker's group is small (under ~8 videos).
+    # pass otherwise. Use it when a worker's group is small (under ~8 videos): the GPU recipes
+    # take G = sqrt(batch) groups synced per node.
     bn_sync: Literal["worker", "node", "global"] = "worker"
 
     def validate(self, where: str) -> None:
