@@ -248,16 +248,15 @@ def main() -> int:
     log = out / "results.jsonl"
     if not args.report:
         done = {(r["variant"], r["method"], r["seed"], r["size"]) for r in _read(log)}
-        specs = []
-        for variant in args.variants:
-            shards = corpus(out, variant, args.size)
-            specs += [
-                (variant, m, s, args.steps, args.size, shards, args.overrides)
-                for s in args.seeds
-                for m in args.methods
-                if (variant, m, s, args.size) not in done
-            ]
-        # Trained runs first, longest-first order does not matter: each takes about as long.
+        shards = {variant: corpus(out, variant, args.size) for variant in args.variants}
+        # Seed by seed across the variants, so that a benchmark stopped early has a whole table.
+        specs = [
+            (variant, m, s, args.steps, args.size, shards[variant], args.overrides)
+            for s in args.seeds
+            for variant in args.variants
+            for m in args.methods
+            if (variant, m, s, args.size) not in done
+        ]
         print(f"{len(specs)} runs to do, {args.jobs} at a time; results in {log}", flush=True)
         t0 = time.monotonic()
         with get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
