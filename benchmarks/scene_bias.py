@@ -12,9 +12,10 @@ videos, a binomial standard error under 3 points per seed).
 
 Training: the real views, model and loss (``dclr_dist.views``, ``.model``, ``.loss``) in one
 process per run, with the videos decoded once into memory; AdamW and the trainer's lr
-schedule (``dclr_dist.engine.lr_lambda``). No Ray or DeepSpeed: the trainer's equivalence to
-this loop is what ``tests/test_loss_distributed.py`` and ``tests/test_train.py`` check, and
-here the budget goes to steps and seeds. Every method gets the same steps (``--steps``,
+schedule (``dclr_dist.engine.lr_lambda``). No Ray or DeepSpeed and a loop of its own (decoded
+videos in memory, exact permutations, its own feature code): no test ties it to the trainer.
+``benchmarks/motion_family.py`` runs the trainer's own steps on packed shards instead, and
+supersedes this benchmark (README, "Motion it was not tuned on"). Every method gets the same steps (``--steps``,
 default 1152: 4x the earlier benchmark's 288), batch 16, seeds (model init, data order,
 augmentation), crops at scale 0.5-1 (by the method review's count, not re-measured here,
 the object stays in both crops of 85% of pairs, 56% at the paper's 0.2-1 on these 64-pixel

@@ -1,5 +1,6 @@
 """DCLR views: crops, per-clip augmentation, static and dynamic views, parameter draws."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -107,7 +108,7 @@ def test_augmentation_is_identical_across_the_frames_of_a_clip():
 
 
 def test_static_view_is_one_frame_of_the_clip_repeated_with_its_own_augmentation():
-    cfg = ALL_ON
+    cfg = dataclasses.replace(ALL_ON, static_crop="own")  # the released code's: a crop of its own
     frames = random_frames(B=3)
     batch = batch_of(frames, cfg, seed=1)
     out = views.dclr_views(batch, cfg)
