@@ -282,24 +282,33 @@ def report(rows: list[dict], out: Path) -> None:
     """Per variant: every method's mean +- std over seeds, and DCLR minus the baseline seed by seed."""
     from dclr_dist.shard.family import VARIANTS
 
-    lines = []
+    lines, md = [], []
     for size in sorted({r["size"] for r in rows}):
         for variant in [v for v in VARIANTS if any(r["variant"] == v and r["size"] == size for r in rows)]:
             runs = [r for r in rows if r["variant"] == variant and r["size"] == size]
             chance = 100 / len(VARIANTS[variant].motions)
             lines += [f"{variant} ({size} px, chance {chance:.1f}%): {VARIANTS[variant].note}"]
             lines += [f"  {'method':26s} | " + " | ".join(f"{s} {m:13s}" for s in ("val", "test") for _, m in MEASURES)]
+            md += [
+                f"**{variant}** ({size} px, chance {chance:.1f}%): {VARIANTS[variant].note}",
+                "",
+                "| method | " + " | ".join(f"{s} {m}" for s in ("val", "test") for _, m in MEASURES) + " |",
+                "|---|" + "---:|" * 2 * len(MEASURES),
+            ]
             for method in METHODS:
                 mine = [r for r in runs if r["method"] == method]
                 if mine:
                     cells = [_cell([100 * r[f"{s}_{k}"] for r in mine]) for s in ("val", "test") for k, _ in MEASURES]
                     lines.append(f"  {method:26s} | " + " | ".join(f"{c:>17s}" for c in cells))
-            lines += _paired(runs, "DCLR", "baseline")
-            lines.append("")
+                    md.append(f"| {method} | " + " | ".join(cells) + " |")
+            paired = _paired(runs, "DCLR", "baseline")
+            lines += paired + [""]
+            md += [""] + [f"- {p.strip()}" for p in paired] + [""]
     table = "\n".join(lines)
     print(table)
     (out / "motion_family.txt").write_text(table + "\n")
-    print(f"wrote {out / 'motion_family.txt'}, {plot(rows, out / 'motion_family.png')}")
+    (out / "motion_family.md").write_text("\n".join(md))
+    print(f"wrote {out / 'motion_family.txt'}, {out / 'motion_family.md'}, {plot(rows, out / 'motion_family.png')}")
 
 
 def _cell(v: list[float]) -> str:

@@ -24,6 +24,7 @@ STEP_FIELDS = (
     "steps",
 )
 PROJECT_PHASES = ("views", "forward", "loss", "backward", "momentum")
+SWITCHES = ("cudnn_benchmark", "channels_last", "compile")
 
 
 @pytest.mark.slow
@@ -64,18 +65,20 @@ def test_reduced_gpu_check_reports_every_part(tmp_path, bucket, sample_videos):
         "data",
         "checkpoint",
         "wall_s",
-        "switches_available",
-        "switches_missing",
+        "switches",
     ):
         assert key in report, key
     assert report["mode"] == "cpu-reduced" and report["peak_tflops"] is None  # no peak for a CPU: MFU unknown
 
-    # (a) every row ran or says why not; the baseline and each switch the config has ran
+    # (a) every switch has its row (gpu_check refuses to run if EngineConfig lacks one), and
+    # every row ran or says why not
+    assert report["switches"] == sorted(SWITCHES)
     rows = {r["name"]: r for r in report["step"]["rows"]}
+    assert {"baseline", *SWITCHES} <= set(rows)
     assert report["step"]["flops_per_step"] > 0
     ran = [r for r in rows.values() if r["status"] == "ok"]
     assert {"baseline", "bn_sync=global (forced)"} <= {r["name"] for r in ran}
-    for switch in report["switches_available"]:
+    for switch in report["switches"]:
         if switch != "compile":  # not tried on CPU unless asked
             assert rows[switch]["status"] == "ok", rows[switch]
     for r in rows.values():
