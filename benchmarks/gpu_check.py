@@ -327,7 +327,7 @@ def measure(row: dict, ctx) -> dict:
         "config": {
             "overrides": row["overrides"],
             "zero_stage": cfg.engine.zero_stage,
-            **{s: getattr(cfg.train, s) for s in ctx.switches},
+            **{s: getattr(cfg.engine, s) for s in ctx.switches},
         }
     }
     torch.backends.cudnn.benchmark = False  # build() sets it where the config asks; never inherited
