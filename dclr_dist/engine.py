@@ -52,6 +52,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 10**9,
+        # DeepSpeed's throughput timer (on by default) synchronises the device twice per step
+        # to time it; the trainer measures its own throughput without waiting on the device.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if cfg.engine.precision == "bf16":
         # Autocast keeps fp32 master weights and BN statistics; only the matmuls/convs run in bf16.

@@ -31,6 +31,7 @@ scarce resource on GPU nodes):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -242,9 +243,15 @@ def _blend(x: torch.Tensor, op: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, cfg: ViewsConfig) -> torch.Tensor:
     """Normalise (..., 3, T, H, W) floats in [0, 1] per channel, in place."""
-    mean = torch.tensor(cfg.mean, device=x.device).view(3, 1, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device).view(3, 1, 1, 1)
+    mean, std = _channel_constants(tuple(cfg.mean), tuple(cfg.std), x.device)
     return x.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per device: a tensor made from Python numbers on a GPU is a blocking
+    host-to-device copy, and normalize runs several times per step."""
+    return torch.tensor(mean, device=device).view(3, 1, 1, 1), torch.tensor(std, device=device).view(3, 1, 1, 1)
 
 
 # Colour operations on (N, 3, T, H, W) floats in [0, 1], factors (N,), as torchvision defines

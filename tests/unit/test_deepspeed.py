@@ -233,3 +233,10 @@ def test_engines_on_two_ranks_train_like_plain_data_parallelism(tmp_path):
             if "running" not in k:  # the weights agree across ranks; batch norm statistics are each rank's own
                 torch.testing.assert_close(ranks[1][name]["engine"][k], engine[k], rtol=0, atol=0)
         torch.testing.assert_close(*ranks[0][name]["queue"])
+
+
+def test_deepspeed_s_throughput_timer_is_off():
+    from dclr_dist.engine import deepspeed_config
+
+    # On by default, it synchronises the device twice per step.
+    assert deepspeed_config(load_config(None))["timers"]["throughput"] == {"enabled": False, "synchronized": False}

@@ -247,3 +247,15 @@ def test_views_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])
     assert math.isclose(load_config(None, ["views.scale=[0.3, 1]"]).views.scale[0], 0.3)
+
+
+def test_normalisation_builds_its_constants_once_per_device(monkeypatch):
+    x = torch.rand(2, 3, 4, 8, 8)
+    expected = (x - torch.tensor(ALL_ON.mean).view(3, 1, 1, 1)) / torch.tensor(ALL_ON.std).view(3, 1, 1, 1)
+    views.normalize(x.clone(), ALL_ON)  # the first call may build them
+    built = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or real(*a, **k))
+    out = views.normalize(x.clone(), ALL_ON)
+    # On a GPU each tensor made from Python numbers is a blocking host-to-device copy.
+    assert built == [] and torch.allclose(out, expected, atol=1e-6)
