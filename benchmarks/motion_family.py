@@ -358,9 +358,9 @@ def plot(rows: list[dict], path: Path) -> Path:
                 if v:
                     ax.bar(x, statistics.mean(v), width, color=f"C{i}", label=method if j == 0 else None)
                     ax.scatter([x] * len(v), v, color="black", s=5, zorder=3)
-            for j, variant in enumerate(variants):
-                chance = 100 / len(VARIANTS[variant].motions)
-                ax.plot([j - 0.45, j + 0.45], [chance] * 2, color="grey", linestyle="--", linewidth=1)
+        for j, variant in enumerate(variants):
+            chance = 100 / len(VARIANTS[variant].motions)
+            ax.plot([j - 0.45, j + 0.45], [chance] * 2, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(variants)), [v.replace("_", "\n") for v in variants], fontsize=8)
         ax.set(ylabel="%", ylim=(0, 100), title=f"test {label}, unseen scenes ({size} px)")
     axes[0][0].legend(fontsize=7)
