@@ -128,6 +128,8 @@ def write_corpus(
         seed=seed,
         workers=workers,
     )
+    if variant:  # two variants may share their motions, not their pictures
+        params["variant"] = variant
     out = Path(out_dir)
     _claim(out, params)
 

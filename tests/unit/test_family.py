@@ -118,6 +118,10 @@ def test_a_variant_corpus_has_its_motions_as_classes_and_is_recorded(tmp_path):
     )
     with pytest.raises(ValueError, match="other arguments: motions"):
         synth.write_corpus(tmp_path / "c", variant="translate", **args)
+    # The same motions drawn another way are another corpus too.
+    synth.write_corpus(tmp_path / "t", variant="translate", **args)
+    with pytest.raises(ValueError, match="variant=translate"):
+        synth.write_corpus(tmp_path / "t", variant="hard", num_classes=4, **args)
 
 
 def test_command_line_writes_a_variant(tmp_path, capsys):
