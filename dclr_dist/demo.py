@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dclr_dist.demo",
         description="The demo: synthetic scene-bias shards under ./shards/demo (made on first use), DCLR "
         "pretraining on a local Ray cluster of CPU workers (recipe: demo), then the linear, k-NN "
-        "and scene protocols on the test split's unseen scenes. About 20 minutes on 2 cores.",
+        "and scene protocols on the test split's unseen scenes. About 8 minutes on 2 idle cores.",
         epilog="Runs go to ./runs/demo; running it again resumes (or, once finished, re-evaluates) that run.",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=4")
