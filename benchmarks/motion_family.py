@@ -46,13 +46,16 @@ from pathlib import Path
 
 import torch
 
+from dclr_dist.config import BASELINE
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "motion_family"
 
+BATCH = 16
 # Every method: the demo recipe on one worker, shortcuts closed (module docstring).
 COMMON = [
     "cluster.workers=1",
-    "data.batch_size=16",
+    f"data.batch_size={BATCH}",
     "data.loader_workers=0",
     "data.shuffle_buffer=64",
     "data.shuffle_initial=16",
@@ -66,15 +69,14 @@ COMMON = [
     "train.log_every=1000000",
     "eval.every=0",
 ]
-BASELINE = ["loss.w_s=0", "loss.w_d=0", "loss.w_align=0", "loss.topk=0"]
 # Method -> overrides; None: not trained (the untrained backbone on RGB or on frame differences).
 METHODS = {
     "random init": None,
     "frame-difference ceiling": None,
-    "baseline": BASELINE,
+    "baseline": list(BASELINE),
     "DCLR": [],
     "DCLR, topk=0": ["loss.topk=0"],
-    "baseline + L_v<->d": ["loss.w_s=0", "loss.w_align=0", "loss.topk=0"],
+    "baseline + L_v<->d": [o for o in BASELINE if o != "loss.w_d=0"],
 }
 MEASURES = [("linear", "linear probe"), ("knn", "k-NN")]
 # Corpus size per class and split, and clip geometry: chosen for the default run's time
@@ -118,14 +120,13 @@ def corpus(out: Path, variant: str, size: int) -> dict[str, str]:
 
 def overrides(method: str, variant: str, seed: int, steps: int, size: int, shards: dict, extra: list[str]) -> list:
     """The full override list of one run (recorded in its row)."""
-    n = PER_CLASS["train"] * len(_motions(variant))
-    per_epoch = n // 16
+    per_epoch = PER_CLASS["train"] * len(_motions(variant)) // BATCH
     return [
         *COMMON,
         f"views.size={size}",
         f"data.train=[{shards['train']}]",
         f"data.eval=[{shards['val']}]",
-        f"data.epoch_samples={per_epoch * 16}",
+        f"data.epoch_samples={per_epoch * BATCH}",
         f"train.epochs={-(-steps // per_epoch)}",
         f"train.seed={seed}",
         f"data.seed={seed}",

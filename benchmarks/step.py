@@ -64,6 +64,9 @@ def worker(rank: int, world: int, port: int, in_batch: bool, args, results) -> N
     model = DCLR("tiny", width=args.width, in_batch=in_batch)
     criterion = DCLRLoss(queue_size=args.queue, in_batch=in_batch)
     batch = {n: torch.randn(args.batch, 3, args.frames, args.size, args.size) for n in VIEWS}
+    # Video ids as the loader gives them, so the own-video mask and its gather are in the step;
+    # one step's ids recur a few steps later, as videos recur across epochs.
+    ids = [torch.arange(args.batch) + args.batch * (rank + world * (s % 4)) for s in range(4)]
     times = {part: [] for part in PARTS}
     for step in range(args.warmup + args.steps):
         model.zero_grad()
@@ -71,7 +74,7 @@ def worker(rank: int, world: int, port: int, in_batch: bool, args, results) -> N
         t0 = time.perf_counter()
         out = model(batch)
         t1, clock.seconds = time.perf_counter(), 0.0
-        loss = criterion(out)["loss"]
+        loss = criterion(out, ids[step % 4])["loss"]
         t2, gather_fwd, clock.seconds = time.perf_counter(), clock.seconds, 0.0
         loss.backward()
         t3, gather_bwd = time.perf_counter(), clock.seconds
