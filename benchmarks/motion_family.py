@@ -174,18 +174,19 @@ def train_and_measure(spec: tuple) -> dict:
     from dclr_dist.model import DCLR
     from dclr_dist.train import Rank, run_epoch
 
-    variant, method, seed, steps, size, shards, extra = spec
+    variant, method, seed, steps, size, shards, extra, splits = spec
     torch.set_num_threads(1)
     args = overrides(method, variant, seed, steps, size, shards, extra)
     cfg = load_config(DEMO_CONFIG, args)
     t0 = time.monotonic()
     torch.manual_seed(cfg.train.seed)
-    row = {"variant": variant, "method": method, "seed": seed, "size": size, "commit": _commit(), "overrides": args}
+    row = {"variant": variant, "method": _label(method, extra), "seed": seed, "size": size, "commit": _commit()}
+    row["overrides"] = args
     if METHODS[method] is None:
         f = DCLR.from_config(cfg.model, in_batch=False).encoder_q.f
         if method == "frame-difference ceiling":
             f = FrameDifference(f)
-        return {**row, **measure(f, cfg, shards), "seconds": round(time.monotonic() - t0, 1)}
+        return {**row, **measure(f, cfg, shards, splits), "seconds": round(time.monotonic() - t0, 1)}
     _process_group()
     device = torch.device("cpu")
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1)
@@ -201,13 +202,13 @@ def train_and_measure(spec: tuple) -> dict:
         **row,
         "steps": step,
         "final_loss": losses[-1],
-        **measure(engine.module.encoder_q.f, cfg, shards),
+        **measure(engine.module.encoder_q.f, cfg, shards, splits),
         "seconds": round(time.monotonic() - t0, 1),
     }
 
 
-def measure(f, cfg, shards: dict) -> dict:
-    """Linear probe and k-NN of the frozen backbone on the val and the test split."""
+def measure(f, cfg, shards: dict, splits: tuple[str, ...]) -> dict:
+    """Linear probe and k-NN of the frozen backbone on the held-out ``splits`` (val, test)."""
     from dclr_dist.evaluation.features import extract
     from dclr_dist.evaluation.probes import choose_l2, knn_retrieval, linear_probe
 
@@ -216,11 +217,16 @@ def measure(f, cfg, shards: dict) -> dict:
     classes = [str(c) for c in range(int(train.label.max()) + 1)]
     l2, _ = choose_l2(train.x, train.label, len(classes))
     out = {"l2": l2}
-    for split in ("val", "test"):
+    for split in splits:
         held = extract(f, cfg.data, cfg.views, [shards[split]], device)
         out[f"{split}_linear"] = linear_probe(train, held, classes, l2)["top1"]
         out[f"{split}_knn"] = knn_retrieval(train, held, classes, cfg.eval.knn_k, cfg.eval.knn_temperature, [1])["top1"]
     return out
+
+
+def _label(method: str, extra: list[str]) -> str:
+    """A method's name in rows and tables: with the run's extra overrides, a method of its own."""
+    return " ".join([method, *extra])
 
 
 def _commit() -> str:
@@ -242,21 +248,32 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
     parser.add_argument("--out", default=str(OUT), help=f"results, corpora and plot (default {OUT})")
     parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+    parser.add_argument(
+        "--val-only",
+        action="store_true",
+        help="measure the val split only (test not even extracted): for choosing a recipe before any test figure",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every method; rows and tables name them after the method",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "results.jsonl"
     if not args.report:
-        done = {(r["variant"], r["method"], r["seed"], r["size"]) for r in _read(log)}
+        splits = ("val",) if args.val_only else ("val", "test")
+        done = {(r["variant"], r["method"], r["seed"], r["size"]) for r in _read(log) if f"{splits[-1]}_knn" in r}
         shards = {variant: corpus(out, variant, args.size) for variant in args.variants}
         # Seed by seed across the variants, so that a benchmark stopped early has a whole table.
         specs = [
-            (variant, m, s, args.steps, args.size, shards[variant], args.overrides)
+            (variant, m, s, args.steps, args.size, shards[variant], args.overrides, splits)
             for s in args.seeds
             for variant in args.variants
             for m in args.methods
-            if (variant, m, s, args.size) not in done
+            if (variant, _label(m, args.overrides), s, args.size) not in done
         ]
         print(f"{len(specs)} runs to do, {args.jobs} at a time; results in {log}", flush=True)
         t0 = time.monotonic()
@@ -265,13 +282,15 @@ def main() -> int:
                 with open(log, "a") as fh:
                     fh.write(json.dumps(r) + "\n")
                 left = (time.monotonic() - t0) / i * (len(specs) - i)
+                figures = "; ".join(
+                    f"{s} linear {100 * r[f'{s}_linear']:.1f} k-NN {100 * r[f'{s}_knn']:.1f}" for s in splits
+                )
                 print(
                     f"[{i}/{len(specs)}, ~{left / 60:.0f} min left] {r['variant']:18s} {r['method']:26s} "
-                    f"seed {r['seed']}: val linear {100 * r['val_linear']:.1f} k-NN {100 * r['val_knn']:.1f}; "
-                    f"test linear {100 * r['test_linear']:.1f} k-NN {100 * r['test_knn']:.1f} ({r['seconds']:.0f} s)",
+                    f"seed {r['seed']}: {figures} ({r['seconds']:.0f} s)",
                     flush=True,
                 )
-    report(_read(log), out)
+    report(_read(log), out, ("val",) if args.val_only else ("val", "test"))
     return 0
 
 
@@ -279,44 +298,60 @@ def _read(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def report(rows: list[dict], out: Path) -> None:
-    """Per variant: every method's mean +- std over seeds, and DCLR minus the baseline seed by seed."""
+def report(rows: list[dict], out: Path, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Per variant: every method's mean +- std over seeds, and each trained method minus the
+    baseline seed by seed, on the last of ``splits``. Val-only: rows with val figures, no plot."""
     from dclr_dist.shard.family import VARIANTS
 
+    rows = [r for r in rows if f"{splits[-1]}_knn" in r]
+    if not rows:
+        print("no finished runs")
+        return
+    methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
+    cols = [(s, k, f"{s} {m}") for s in splits for k, m in MEASURES]
     lines, md = [], []
     for size in sorted({r["size"] for r in rows}):
         for variant in [v for v in VARIANTS if any(r["variant"] == v and r["size"] == size for r in rows)]:
             runs = [r for r in rows if r["variant"] == variant and r["size"] == size]
             chance = 100 / len(VARIANTS[variant].motions)
             lines += [f"{variant} ({size} px, chance {chance:.1f}%): {VARIANTS[variant].note}"]
-            lines += [f"  {'method':26s} | " + " | ".join(f"{s} {m:13s}" for s in ("val", "test") for _, m in MEASURES)]
+            lines += [f"  {'method':26s} | " + " | ".join(f"{c:17s}" for *_, c in cols)]
             md += [
                 f"**{variant}** ({size} px, chance {chance:.1f}%): {VARIANTS[variant].note}",
                 "",
-                "| method | " + " | ".join(f"{s} {m}" for s in ("val", "test") for _, m in MEASURES) + " |",
-                "|---|" + "---:|" * 2 * len(MEASURES),
+                "| method | " + " | ".join(c for *_, c in cols) + " |",
+                "|---|" + "---:|" * len(cols),
             ]
-            for method in METHODS:
+            for method in methods:
                 mine = [r for r in runs if r["method"] == method]
                 if mine:
-                    cells = [_cell([100 * r[f"{s}_{k}"] for r in mine]) for s in ("val", "test") for k, _ in MEASURES]
+                    cells = [_cell([100 * r[f"{s}_{k}"] for r in mine]) for s, k, _ in cols]
                     lines.append(f"  {method:26s} | " + " | ".join(f"{c:>17s}" for c in cells))
                     md.append(f"| {method} | " + " | ".join(cells) + " |")
-            paired = _paired(runs, "DCLR", "baseline")
+            paired = [
+                p
+                for m in methods
+                if METHODS.get(m, []) is not None and m != "baseline"
+                for p in _paired(runs, m, "baseline", splits[-1])
+            ]
             lines += paired + [""]
             md += [""] + [f"- {p.strip()}" for p in paired] + [""]
     table = "\n".join(lines)
     print(table)
-    (out / "motion_family.txt").write_text(table + "\n")
-    (out / "motion_family.md").write_text("\n".join(md))
-    print(f"wrote {out / 'motion_family.txt'}, {out / 'motion_family.md'}, {plot(rows, out / 'motion_family.png')}")
+    name = "motion_family" if "test" in splits else "motion_family_val"
+    (out / f"{name}.txt").write_text(table + "\n")
+    (out / f"{name}.md").write_text("\n".join(md))
+    written = [out / f"{name}.txt", out / f"{name}.md"] + (
+        [plot(rows, out / f"{name}.png")] if "test" in splits else []
+    )
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _cell(v: list[float]) -> str:
     return f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})"
 
 
-def _paired(runs: list[dict], a: str, b: str) -> list[str]:
+def _paired(runs: list[dict], a: str, b: str, split: str) -> list[str]:
     base = {r["seed"]: r for r in runs if r["method"] == b}
     pairs = [(r, base[r["seed"]]) for r in runs if r["method"] == a and r["seed"] in base]
     if not pairs:
@@ -324,11 +359,11 @@ def _paired(runs: list[dict], a: str, b: str) -> list[str]:
     out = []
     for key, label in MEASURES:
         d = [
-            (x["seed"], 100 * (x[f"test_{key}"] - y[f"test_{key}"]))
+            (x["seed"], 100 * (x[f"{split}_{key}"] - y[f"{split}_{key}"]))
             for x, y in sorted(pairs, key=lambda p: p[0]["seed"])
         ]
         out.append(
-            f"  {a} - {b}, test {label}: "
+            f"  {a} - {b}, {split} {label}: "
             + ", ".join(f"seed {s} {v:+.1f}" for s, v in d)
             + f"; mean {statistics.mean(v for _, v in d):+.1f}"
         )
