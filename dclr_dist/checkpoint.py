@@ -115,9 +115,10 @@ def load_checkpoint(engine, folder: str, where: str) -> dict:
 
     DeepSpeed calls torch.load(weights_only=False), so a checkpoint could run code on every
     worker, planted by anyone who can write the run's storage. TORCH_FORCE_WEIGHTS_ONLY_LOAD
-    overrides that argument in every torch.load the call makes.
+    overrides that argument in every torch.load the call makes; a TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+    from the user's environment is set aside meanwhile (torch refuses the two together).
     """
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals(_checkpoint_classes()):
@@ -136,10 +137,11 @@ def load_checkpoint(engine, folder: str, where: str) -> dict:
             "train.name to start afresh."
         ) from None
     finally:
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return client
 
 

@@ -2,7 +2,7 @@
 
     python -m dclr_dist.sweep --config demo --num-samples 16      # the shipped search space
     dclr-tune --config demo --space my_space.yaml --num-samples 16
-    dclr-tune ... --resume                        # continue an interrupted sweep
+    dclr-tune ... --resume --trust-storage        # continue an interrupted sweep (see below)
 
 ``--config`` takes a file or a shipped recipe name (default: the ``demo`` recipe); ``--space``
 defaults to the search space shipped with the package (``dclr_dist/sweep_space.yaml``).
@@ -18,6 +18,12 @@ so a Tune-level retry of the trial resumes the same run from its checkpoint.
 Outputs under ``<storage>/<name>/``: ``trials.csv`` (every trial, its parameters and best
 k-NN accuracy), ``best.yaml`` (a ready-to-run training config), ``objective.png`` (the
 objective against each searched parameter), next to Tune's own experiment state.
+
+Trust: resuming unpickles Tune's experiment state (``tuner.pkl``, each trial's state) from the
+sweep's storage, and unpickling can run code: whoever can write there could run code on the
+driver. ``--resume`` is therefore refused unless ``--trust-storage`` says that only you (or
+people you trust) can write the sweep's storage. Nothing else reads pickles from storage:
+training resume, evaluation, export and fine-tuning load tensors and plain data only.
 """
 
 from __future__ import annotations
@@ -289,13 +295,30 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default=None, help="where the sweep goes, a folder or s3:// (default: train.storage_path)"
     )
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep; finished trials are kept (needs --trust-storage)",
+    )
+    p.add_argument(
+        "--trust-storage",
+        action="store_true",
+        help="allow --resume to unpickle Tune's state from the sweep storage: only if nobody you do not trust "
+        "can write there (unpickling can run code on this machine)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the training config")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _sweep_parser().parse_args(argv)
+    if args.resume and not args.trust_storage:
+        print(
+            "error: --resume unpickles Tune's experiment state from the sweep's storage, which runs code planted "
+            "there by anyone who can write it; add --trust-storage if only you can, or start a new sweep with --name",
+            file=sys.stderr,
+        )
+        return 2
     try:
         base = load_config(args.config, [*args.overrides, "eval.every=1"])
         space = load_space(args.space, base)

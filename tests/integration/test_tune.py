@@ -103,7 +103,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(shards, tmp_p
     }
     assert done_before, "no trial had finished before the kill"
 
-    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=_env(), timeout=600)
+    r = subprocess.run([*args, "--resume", "--trust-storage"], capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "sweeps" / "s" / "trials.csv").open()))
     assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
@@ -166,6 +166,7 @@ def test_shipped_space_and_old_script_path(tmp_path):
             sys.executable,
             str(REPO / "tune" / "search.py"),
             "--resume",
+            "--trust-storage",
             "--storage",
             str(tmp_path / "sweeps"),
             "--name",

@@ -240,3 +240,28 @@ def test_deepspeed_s_throughput_timer_is_off():
 
     # On by default, it synchronises the device twice per step.
     assert deepspeed_config(load_config(None))["timers"]["throughput"] == {"enabled": False, "synchronized": False}
+
+
+@pytest.mark.parametrize("user_env", [{}, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}])
+def test_resume_loads_weights_only_whatever_the_user_s_torch_environment(
+    process_group, tmp_path, monkeypatch, user_env
+):
+    """torch refuses FORCE_WEIGHTS_ONLY together with FORCE_NO_WEIGHTS_ONLY: the loader sets the
+    user's aside for the call and gives it back after."""
+    from dclr_dist.checkpoint import CHECKPOINT_TAG, load_checkpoint
+
+    for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in user_env.items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(0)
+    engine, criterion = build(_tiny(), world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
+    engine.save_checkpoint(str(tmp_path), tag=CHECKPOINT_TAG, client_state={"epoch": 3})
+    saved = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.zero_()
+    assert load_checkpoint(engine, str(tmp_path), "run")["epoch"] == 3
+    assert all(torch.equal(saved[k], v) for k, v in engine.module.state_dict().items())
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert {k: os.environ.get(k) for k in user_env} == user_env
