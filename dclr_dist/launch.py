@@ -26,6 +26,9 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATT
 
 
 def forwarded_env() -> dict[str, str]:
+    from dclr_dist.storage import max_attempts
+
+    max_attempts()  # a bad value stops the driver with its reason, not every worker with a traceback
     return {k: os.environ[k] for k in _AWS_ENV if k in os.environ}
 
 

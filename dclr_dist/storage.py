@@ -81,10 +81,26 @@ def s3_client():
         # botocore's "standard" mode retries throttling, 5xx and dropped or refused
         # connections itself (AWS_MAX_ATTEMPTS, default 5 here); retry() below covers what it
         # cannot: a response body that breaks off after the headers arrived.
-        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        config = Config(
+            retries={"max_attempts": max_attempts(), "mode": "standard"}, connect_timeout=10, read_timeout=60
+        )
         _client_cache = (ident, boto3.session.Session().client("s3", config=config))
     return _client_cache[1]
+
+
+def max_attempts() -> int:
+    """``AWS_MAX_ATTEMPTS`` (default 5), checked: botocore's own parse is a traceback."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", "5")
+    try:
+        attempts = int(raw)
+    except ValueError:
+        attempts = 0
+    if not 1 <= attempts <= 100:
+        raise StorageError(
+            f"AWS_MAX_ATTEMPTS={raw!r}: must be a whole number of attempts from 1 to 100 "
+            "(e.g. AWS_MAX_ATTEMPTS=5, the default here); set it so or unset it"
+        )
+    return attempts
 
 
 def _broken_stream() -> tuple[type[BaseException], ...]:

@@ -7,6 +7,9 @@ from typing import Literal
 
 from dclr_dist.config.errors import _check
 
+# Upper bounds of durations, in seconds: larger values overflow the timers they reach.
+DAY, WEEK = 86400, 7 * 86400
+
 
 @dataclass
 class ShardConfig:
@@ -41,12 +44,17 @@ class ShardConfig:
 
     def validate(self, where: str) -> None:
         _check(
-            self.short_side >= 16 and self.short_side % 2 == 0,
+            16 <= self.short_side <= 2160 and self.short_side % 2 == 0,
             where,
             "shard.short_side",
-            f"must be an even number >= 16, got {self.short_side}",
+            f"must be an even number from 16 to 2160 (4K's short side), got {self.short_side}",
         )
-        _check(self.fps is None or self.fps > 0, where, "shard.fps", f"must be > 0 or null, got {self.fps}")
+        _check(
+            self.fps is None or 1 <= self.fps <= 240,
+            where,
+            "shard.fps",
+            f"must be from 1 to 240 frames per second, or null (the source's), got {self.fps}",
+        )
         _check(0 <= self.crf <= 51, where, "shard.crf", f"must be in [0, 51] (x264), got {self.crf}")
         _check(self.gop >= 1, where, "shard.gop", f"must be >= 1, got {self.gop}")
         _check(
@@ -63,16 +71,16 @@ class ShardConfig:
             f"must be null or one of {', '.join(tunes)} (x264), got {self.tune!r}",
         )
         _check(
-            self.max_seconds is None or self.max_seconds > 0,
+            self.max_seconds is None or 0 < self.max_seconds <= DAY,
             where,
             "shard.max_seconds",
-            f"must be > 0 or null, got {self.max_seconds}",
+            f"must be > 0 and at most {DAY} (a day of video), or null, got {self.max_seconds}",
         )
         _check(
-            self.input_timeout is None or self.input_timeout > 0,
+            self.input_timeout is None or 0 < self.input_timeout <= WEEK,
             where,
             "shard.input_timeout",
-            f"must be > 0 or null, got {self.input_timeout}",
+            f"must be > 0 and at most {WEEK} seconds (a week), or null for no limit, got {self.input_timeout}",
         )
         _check(self.max_samples >= 1, where, "shard.max_samples", f"must be >= 1, got {self.max_samples}")
         _check(self.max_bytes >= 1024, where, "shard.max_bytes", f"must be >= 1024, got {self.max_bytes}")

@@ -4,11 +4,12 @@ evaluation and fine-tuning; and the whole tree."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dclr_dist.config.errors import _check
-from dclr_dist.config.method import DataConfig, LossConfig, ModelConfig, ShardConfig, ViewsConfig
+from dclr_dist.config.method import WEEK, DataConfig, LossConfig, ModelConfig, ShardConfig, ViewsConfig
 
 
 @dataclass
@@ -27,10 +28,17 @@ class TrainConfig:
 
     def validate(self, where: str) -> None:
         _check(
-            bool(self.name) and "/" not in self.name,
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,127}", self.name) is not None,
             where,
             "train.name",
-            f"must be a non-empty name without '/', got {self.name!r}",
+            "must be a folder name of letters, digits and . _ = - (not starting with . _ = -), "
+            f"at most 128 characters, got {self.name!r}",
+        )
+        _check(
+            bool(self.storage_path.strip()),
+            where,
+            "train.storage_path",
+            "must be a folder or s3://bucket/prefix, got an empty value",
         )
         _check(self.epochs >= 1, where, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.grad_accum >= 1, where, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
@@ -100,10 +108,10 @@ class CheckpointConfig:
     def validate(self, where: str) -> None:
         _check(self.every >= 0, where, "checkpoint.every", f"must be >= 0 (0: not by epochs), got {self.every}")
         _check(
-            self.minutes is None or self.minutes > 0,
+            self.minutes is None or 0 < self.minutes <= WEEK / 60,
             where,
             "checkpoint.minutes",
-            f"must be > 0 or null, got {self.minutes}",
+            f"must be > 0 and at most a week ({WEEK // 60}), or null, got {self.minutes}",
         )
         _check(self.keep >= 1, where, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 

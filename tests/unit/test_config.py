@@ -45,6 +45,19 @@ def test_file_errors_name_key_and_file(tmp_path, text, message):
         ("shard.cfr=20", "command line: unknown key 'shard.cfr' (did you mean 'crf'?) in section 'shard'"),
         ("shard.crf.x=1", "shard.crf is not a section"),
         ("nope=1", "unknown key 'nope'"),
+        # Out of bounds: every value from outside is checked before it reaches a timer or a path.
+        ("loss.tau=.inf", "loss.tau must be a finite number, got"),
+        ("optim.lr=inf", "optim.lr must be a finite number"),
+        ("optim.lr=nan", "optim.lr must be a finite number"),
+        ("shard.input_timeout=1e9", "shard.input_timeout must be > 0 and at most 604800"),
+        ("shard.input_timeout=inf", "shard.input_timeout must be a finite number"),
+        ("shard.fps=0.001", "shard.fps must be from 1 to 240"),
+        ("shard.short_side=100000", "shard.short_side must be an even number from 16 to 2160"),
+        ("checkpoint.minutes=1e12", "checkpoint.minutes must be > 0 and at most a week"),
+        ("train.name=..", "train.name must be a folder name"),
+        ("train.name=a/b", "train.name must be a folder name"),
+        ("train.name=my run", "train.name must be a folder name"),
+        ("train.storage_path=", "train.storage_path must be a folder or s3://bucket/prefix"),
     ],
 )
 def test_override_errors(override, message):
@@ -86,3 +99,19 @@ def test_keys_that_moved_to_their_owners_section(tmp_path):
         cfg.finetune.lr,
         cfg.model.momentum,
     ) == (4, 1, 0.5, 3, 0.2, 0.999)
+
+
+@pytest.mark.parametrize("value", ["five", "0", "-1", "1e3"])
+def test_a_bad_aws_max_attempts_is_one_line_naming_it(monkeypatch, value):
+    from dclr_dist import storage
+    from dclr_dist.launch import forwarded_env
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
+    for call in (storage.max_attempts, forwarded_env):
+        with pytest.raises(storage.StorageError) as e:
+            call()
+        assert str(e.value).startswith(f"AWS_MAX_ATTEMPTS={value!r}: must be a whole number") and "\n" not in str(
+            e.value
+        )
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    assert storage.max_attempts() == 7 and forwarded_env()["AWS_MAX_ATTEMPTS"] == "7"
