@@ -314,21 +314,43 @@ def _list_manifest(path: Path) -> list[Input]:
 
 
 def _mark_duplicates(inputs: list[Input]) -> None:
-    seen: dict[str, str] = {}
+    # By the file itself: a manifest may name one file relatively, absolutely, through a link or '..'.
+    seen: dict[str, Input] = {}
     for i in inputs:
         if i.problem is not None:
             continue
-        if i.url in seen:
-            i.problem = f"duplicate: the same file as {seen[i.url]}, listed earlier"
+        same = i.url if storage.is_s3(i.url) else os.path.realpath(i.url)
+        if same in seen:
+            first = seen[same]
+            labels = "" if first.label == i.label else f" (labelled {first.label!r} there, {i.label!r} here)"
+            i.problem = f"duplicate: the same file as {first.source}, listed earlier{labels}"
         else:
-            seen[i.url] = i.source
+            seen[same] = i
 
 
 def _sorted_classes(labels: set[str]) -> list[str]:
-    # Integer labels ("1", "2", "10") sort as numbers, so label index follows the user's numbering.
-    if labels and all(label.isdigit() for label in labels):
-        return sorted(labels, key=int)
+    # Integer labels ("1", "2", "10") sort as numbers, so label index follows the user's numbering;
+    # labels equal as numbers ("1", "01") then by text, so no order depends on the hash seed.
+    # ASCII digits only: "²" is a digit to str.isdigit but not a number to int().
+    if labels and all(label.isascii() and label.isdigit() for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
     return sorted(labels)
+
+
+def canonical_input(input_url: str) -> str:
+    """One spelling of an input for its packing's fingerprint: ``DIR``, ``DIR/``, ``./DIR``, an
+    absolute path or a link to it are the same input (and a dataset's root and annotations)."""
+    from dclr_dist.shard import datasets
+
+    def local(path: str) -> str:
+        return path if storage.is_s3(path) else os.path.realpath(os.path.expanduser(path))
+
+    dataset = datasets.parse(input_url)
+    if dataset is not None:
+        return datasets.spec(
+            dataset.name, local(dataset.root), annotations=[local(a) for a in dataset.annotations], fold=dataset.fold
+        )
+    return local(input_url)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

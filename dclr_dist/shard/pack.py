@@ -42,7 +42,7 @@ import numpy as np
 from dclr_dist import __version__, storage
 from dclr_dist.config import ShardConfig
 from dclr_dist.shard.common import Input, PackError
-from dclr_dist.shard.inputs import list_inputs, sample_key
+from dclr_dist.shard.inputs import canonical_input, list_inputs, sample_key
 from dclr_dist.shard.resume import (
     STATE_DIR,
     _digest,
@@ -50,6 +50,7 @@ from dclr_dist.shard.resume import (
     _fingerprint,
     _load_states,
     _read_json,
+    _recorded_fingerprints,
     _verify_finished,
 )
 from dclr_dist.shard.transcode import Encoded, Rejected
@@ -87,8 +88,13 @@ def pack(
         inputs = [inputs[i] for i in order]
     _check_output(input_url, output)
     storage.ensure_writable(output)
-    fingerprint = _fingerprint(input_url, split, cfg, inputs, classes)
+    fingerprint = _fingerprint(canonical_input(input_url), split, cfg, inputs, classes)
     index_url = storage.join(output, "index.json")
+    if not overwrite:
+        # Packings begun before inputs had one spelling were fingerprinted with the string as typed.
+        as_typed = _fingerprint(input_url, split, cfg, inputs, classes)
+        if as_typed in _recorded_fingerprints(output):
+            fingerprint = as_typed
     if overwrite:
         _clear(output, cfg.prefix)
     elif storage.exists(index_url):

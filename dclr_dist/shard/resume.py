@@ -76,6 +76,18 @@ def _fingerprint(input_url: str, split: str | None, cfg: ShardConfig, inputs: li
     return digest.hexdigest()
 
 
+def _recorded_fingerprints(output: str) -> set:
+    """The fingerprints a finished (index.json) or interrupted (run.json) packing in ``output`` records."""
+    found = set()
+    for url in (storage.join(output, "index.json"), storage.join(output, f"{STATE_DIR}/run.json")):
+        if storage.exists(url):
+            try:
+                found.add(json.loads(storage.read_bytes(url)).get("fingerprint"))
+            except (ValueError, AttributeError):
+                pass  # damaged: the checks that follow say so
+    return found
+
+
 def _read_json(url: str) -> dict:
     try:
         value = json.loads(storage.read_bytes(url))

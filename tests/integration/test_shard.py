@@ -208,6 +208,10 @@ def test_rerun_on_finished_output_does_nothing_and_other_options_are_refused(cla
     before = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
     again = pack(str(class_folders), out, CFG, progress=False)
     assert again.already_complete
+    # The same folder spelled otherwise is the same input.
+    assert pack(str(class_folders) + "/", out, CFG, progress=False).already_complete
+    rel = os.path.relpath(class_folders)
+    assert pack(rel, out, CFG, progress=False).already_complete
     assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == before
     with pytest.raises(PackError, match="--overwrite"):
         pack(str(class_folders), out, ShardConfig(short_side=64, max_samples=3), progress=False)
