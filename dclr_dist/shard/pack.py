@@ -197,6 +197,11 @@ def _write_shards(
     first = done
     try:
         for n, (inp, result, identity) in enumerate(_ordered(inputs[done:], pool), start=done):
+            if isinstance(result, Rejected) and result.passing:
+                raise PackError(
+                    f"{inp.source}: {result.reason}. Not rejected, as the cause may pass: fix it and re-run the "
+                    f"same command; the {len(states)} shards finished so far are kept and the run resumes here"
+                )
             if isinstance(result, Rejected):
                 pending_rejects.append({"source": inp.source, "label": inp.label, "reason": result.reason})
                 pending_ids.append(identity)

@@ -63,6 +63,9 @@ class Encoded:
 @dataclass
 class Rejected:
     reason: str
+    # A cause that may pass (storage unreachable or throttled, a read that hung): not a verdict
+    # on the input, so the packing stops there and the next run tries it again.
+    passing: bool = False
 
 
 # Image formats that may hold an animation: one frame in them is a still image.
@@ -160,8 +163,8 @@ def transcode(source: str, cfg: ShardConfig) -> Encoded | Rejected:
         return Rejected("file not found")
     except (PermissionError, IsADirectoryError) as e:
         return Rejected(f"unreadable: {e.strerror or e}")
-    except storage.StorageError as e:
-        return Rejected(f"unreadable: {e}")
+    except OSError as e:  # S3 unreachable, throttled past retries, a token expired; EIO on a mount
+        return Rejected(f"unreadable: {e if isinstance(e, storage.StorageError) else e.strerror or e}", passing=True)
     try:
         container = av.open(handle, metadata_errors="ignore")
     except av.error.FFmpegError as e:

@@ -39,14 +39,18 @@ def _work(source: str, cfg: ShardConfig) -> Outcome:
 
 def _timed_out(cfg: ShardConfig) -> Rejected:
     return Rejected(
-        f"timed out: not transcoded within shard.input_timeout = {cfg.input_timeout:g} s (a read that "
-        "never returns, or a very long or large video: raise the limit to pack it)"
+        f"timed out: not transcoded within shard.input_timeout = {cfg.input_timeout:g} s: a read that never "
+        "returns (check the mount or the network) or a very long or large video (raise --input-timeout; "
+        "the limit is not part of the packing's identity, so the run still resumes)",
+        passing=True,
     )
 
 
 def _died(how: str) -> Rejected:
+    # Twice on one input is taken as the input's doing (a decoder crash repeats), so a run goes on.
     return Rejected(
-        f"transcoder died: the process transcoding it was {how}, twice (out of memory, or a crash in the decoder)"
+        f"transcoder died: the process transcoding it was {how}, twice (out of memory, or a crash in the "
+        "decoder); to try it again, pack with fewer --workers into a new --output, or with --overwrite"
     )
 
 

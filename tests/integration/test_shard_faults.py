@@ -416,34 +416,42 @@ def test_a_killed_transcoder_costs_one_input_not_the_run(tmp_path, tiny, long_vi
     packed, rejects = _accounted(out)
     assert len(packed) == 4 and set(rejects) == {"c0/killer.mp4"}
     assert rejects["c0/killer.mp4"] == (
-        "transcoder died: the process transcoding it was killed by SIGKILL, twice "
-        "(out of memory, or a crash in the decoder)"
+        "transcoder died: the process transcoding it was killed by SIGKILL, twice (out of memory, or a crash in "
+        "the decoder); to try it again, pack with fewer --workers into a new --output, or with --overwrite"
     )
     assert "rejected 1 inputs (1 transcoder died)" in stdout
 
 
-def test_an_input_whose_read_never_returns_is_rejected_at_the_time_limit(tmp_path, tiny, monkeypatch):
+def test_an_input_whose_read_never_returns_stops_the_run_and_the_next_run_packs_it(tmp_path, tiny, bucket, monkeypatch):
+    """A hung read or an unreachable store says nothing about the video: no reject, the packing
+    stops with the reason, and the same command packs it once the cause has passed."""
+    import boto3
+
+    moto = os.environ["AWS_ENDPOINT_URL"]
     # An S3 endpoint that takes the request and never answers: botocore would wait minutes.
     silent = socket.create_server(("127.0.0.1", 0))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, "testing")
     _videos(tmp_path, tiny, ["a.mp4", "b.mp4", "c.mp4"])
-    (tmp_path / "m.csv").write_text("path,label\na.mp4,x\ns3://bucket/hangs.mp4,x\nb.mp4,y\nc.mp4,y\n")
+    (tmp_path / "m.csv").write_text(f"path,label\na.mp4,x\n{bucket}/hangs.mp4,x\nb.mp4,y\nc.mp4,y\n")
     out = tmp_path / "out"
+    cfg = ShardConfig(short_side=32, input_timeout=2, max_samples=1, shuffle=False)
     start = time.monotonic()
     try:
-        pack(str(tmp_path / "m.csv"), str(out), ShardConfig(short_side=32, input_timeout=2), workers=2, progress=False)
+        with pytest.raises(PackError) as stopped:
+            pack(str(tmp_path / "m.csv"), str(out), cfg, workers=2, progress=False)
     finally:
         silent.close()
     assert time.monotonic() - start < 30
-    packed, rejects = _accounted(out)
-    assert len(packed) == 3 and rejects == {
-        "s3://bucket/hangs.mp4": (
-            "timed out: not transcoded within shard.input_timeout = 2 s (a read that never returns, or a very long "
-            "or large video: raise the limit to pack it)"
-        )
-    }
+    message = str(stopped.value)
+    assert message.startswith(f"{bucket}/hangs.mp4: timed out: not transcoded within shard.input_timeout = 2 s")
+    assert "re-run the same command; the 1 shards finished so far are kept" in message and "\n" not in message
+    assert not (out / "index.json").exists() and not (out / "rejects.jsonl").exists()
+
+    # The store is back (and holds the video): the same command resumes and packs every input.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
+    boto3.client("s3").upload_file(str(tmp_path / "a.mp4"), bucket.removeprefix("s3://"), "hangs.mp4")
+    result = pack(str(tmp_path / "m.csv"), str(out), cfg, workers=2, progress=False)
+    assert result.resumed_shards == 1 and result.index["samples"] == 4 and result.index["rejected"] == 0
 
 
 # --------------------------------------------------------------------------- where the output goes
