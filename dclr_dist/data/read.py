@@ -45,6 +45,10 @@ gopen_schemes["s3"] = s3stream.gopen_s3
 # A stream whose first this-many samples are all damaged is reading something that is not
 # our shard format (or hit a bug): stop instead of skipping forever.
 _MAX_DAMAGED_FIRST = 50
+# A member is read whole into memory: one larger than this (a 10-minute 4K clip is well under)
+# is damage, not a sample. Sparse members are refused at any size: a few kB of tar declare
+# gigabytes of zeros.
+MAX_MEMBER_BYTES = 1 << 30
 
 
 class _Skips:
@@ -194,8 +198,15 @@ class _Tar:
                     if self.done >= first
                     else None
                 )
-            if sample is not None:
-                sample[ext.lower()] = self.tar.extractfile(member).read()
+            if sample is not None and "__damage__" not in sample:
+                if member.issparse() or member.size > MAX_MEMBER_BYTES:
+                    what = "a sparse member" if member.issparse() else f"a member of {member.size} bytes"
+                    sample["__damage__"] = (
+                        f"{member.name}: {what}; members are read whole, so they must be plain and at most "
+                        f"{MAX_MEMBER_BYTES} bytes"
+                    )
+                else:
+                    sample[ext.lower()] = self.tar.extractfile(member).read()
         if key is not None:
             if sample is not None:
                 yield sample
@@ -267,6 +278,8 @@ def decoded(samples: Iterator[dict], fn, skips: _Skips) -> Iterator[dict]:
     """``fn(sample)`` for each sample; damaged samples are skipped and counted."""
     for sample in samples:
         try:
+            if "__damage__" in sample:
+                raise DamagedSample(sample["__damage__"])
             item = fn(sample)
         except DamagedSample as e:
             skips.sample(sample, e)

@@ -245,3 +245,32 @@ def test_s3_throttling_and_server_errors_are_retried_and_access_denied_is_one_li
         with pytest.raises(storage.StorageError) as e:
             act()
         assert "access denied (AccessDenied)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_sparse_or_oversized_member_is_damage_not_memory(tmp_path, monkeypatch):
+    """A GNU sparse member (written by GNU tar itself) declares its holes as data: a few kB of
+    shard would be gigabytes in memory. It is a damaged sample, counted; so is a member over the cap."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    folder = tmp_path / "members"
+    folder.mkdir()
+    for name, blob in samples("a"):
+        (folder / name).write_bytes(blob)
+    with open(folder / "b.mp4", "wb") as f:
+        f.truncate(256 << 20)  # 256 MiB of holes
+    (folder / "b.json").write_bytes(b'{"frames": 8, "label": 0}')
+    shard = tmp_path / "s.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(shard), "-C", str(folder), "a.mp4", "a.json", "b.mp4", "b.json"],
+        check=True,
+    )
+    assert shard.stat().st_size < 64 << 10
+    for cap, damaged in ((data.read.MAX_MEMBER_BYTES, ["b"]), (1000, ["a", "b"])):
+        monkeypatch.setattr(data.read, "MAX_MEMBER_BYTES", cap)
+        skips = data._Skips(1)
+        items = list(data.decoded(data.read_shards([Shard(str(shard), 2, 16)], skips, retries=0), dict, skips))
+        assert [i["__key__"] for i in items] == [k for k in "ab" if k not in damaged]
+        assert skips.damaged == len(damaged) and all(len(i["mp4"]) < 1 << 20 for i in items)
