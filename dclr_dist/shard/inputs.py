@@ -49,6 +49,13 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
     path = storage.local_path(input_url)
     if path.is_dir():
         inputs, classes = _list_folder(path)
+        if _split_first(path, classes):
+            if split is None:
+                raise PackError(
+                    f"{input_url}: holds split folders ({', '.join(sorted(classes))}), each with class folders: "
+                    f"pack one split at a time with --split (e.g. --split {sorted(classes)[-1]})"
+                )
+            inputs, classes = _split_first_inputs(inputs)
     elif path.suffix.lower() in (".csv", ".jsonl"):
         inputs = _list_manifest(path)
         # Before the split is chosen: a class that one split lacks must not shift the labels of the rest.
@@ -58,6 +65,10 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
     else:
         raise PackError(f"{input_url}: expected a class folder or a .csv/.jsonl manifest")
     if split is not None:
+        # Split names are matched without case: "Train" rows are --split train's, not left out.
+        for i in inputs:
+            if i.split is not None and i.split.casefold() == split.casefold():
+                i.split = split
         if not any(i.split == split for i in inputs):
             found = sorted({i.split for i in inputs if i.split})
             raise PackError(
@@ -71,6 +82,34 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
                 i.problem = f"no split: {i.where} names none, and --split {split} packs the rows of split {split}"
     _mark_duplicates(inputs)
     return inputs, _sorted_classes(set(classes))
+
+
+# Top folders that name splits, not classes (IN/train/<class>/..., as Kinetics and many exports ship).
+_SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def _split_first(root: Path, top: list[str]) -> bool:
+    """Whether ``root`` is ``IN/<split>/<class>/<file>``: every top folder a split name holding folders."""
+    if not top or not all(t.casefold() in _SPLIT_FOLDERS for t in top):
+        return False
+    return all(any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root / t)) for t in top)
+
+
+def _split_first_inputs(inputs: list[Input]) -> tuple[list[Input], list[str]]:
+    """Inputs of a split-first tree: the split from the top folder, the class from the next; the
+    classes of every split together, so each split's packing numbers them alike."""
+    classes: set[str] = set()
+    for i in inputs:
+        parts = i.source.split("/")
+        i.split = parts[0]
+        if len(parts) >= 3:
+            i.label = parts[1]
+            classes.add(parts[1])
+        elif i.problem is None:
+            i.problem = (
+                f"not inside a class folder (expected IN/{parts[0]}/<class>/<video>); move it into its class folder"
+            )
+    return inputs, sorted(classes)
 
 
 def _printable(name: str) -> str:

@@ -196,19 +196,19 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
     ctx = stream.codec_context
     if not ctx.width or not ctx.height:
         return Rejected("video stream has no frame size")
-    width, height = _output_size(ctx.width, ctx.height, cfg.short_side)
 
     buf = io.BytesIO()
     out = av.open(buf, mode="w", format="mp4", options=dict(MP4_BITEXACT))
     vout = out.add_stream("libx264", rate=out_rate)
-    vout.width, vout.height, vout.pix_fmt = width, height, "yuv420p"
+    vout.pix_fmt = "yuv420p"
     vout.codec_context.gop_size = cfg.gop
     deterministic_x264(vout, crf=cfg.crf, preset=cfg.preset, gop=cfg.gop, tune=cfg.tune)
 
-    frames = _encode_frames(container, stream, out, vout, src_rate, out_rate, width, height, cfg)
+    frames = _encode_frames(container, stream, out, vout, out_rate, cfg)
     if isinstance(frames, Rejected):
         return frames
     written, seen, partial = frames
+    width, height = vout.width, vout.height
     if written == 0:
         out.close()
         return Rejected("zero decodable video frames")
@@ -232,12 +232,20 @@ def _reencode(container, sha: str, cfg: ShardConfig) -> Encoded | Rejected:
 
 
 def _encode_frames(
-    container, stream, out, vout, src_rate: Fraction, out_rate: Fraction, width: int, height: int, cfg: ShardConfig
+    container, stream, out, vout, out_rate: Fraction, cfg: ShardConfig
 ) -> tuple[int, int, str | None] | Rejected:
-    """Encode ``stream``'s frames into ``vout``; return (written, decoded, partial), or a Rejected if none decoded."""
+    """Encode ``stream``'s frames into ``vout`` upright and on its clock; return (written, decoded,
+    partial), or a Rejected if none decoded.
+
+    Upright: a phone's portrait video is stored sideways with a display rotation; the frames
+    are turned as a player would, so the direction of motion is the one a person sees. On its
+    clock: output frame n shows the source frame on screen at n / out_rate, so a
+    variable-frame-rate source keeps its local speed (frames dropped where it runs faster
+    than out_rate, repeated where slower); a constant-rate source at out_rate keeps each frame.
+    """
     frame_tb = 1 / out_rate
     written = seen = 0
-    start = None
+    start = turns = size = previous = None
     partial = None
     limit = math.inf if cfg.max_seconds is None else cfg.max_seconds
     try:
@@ -248,20 +256,43 @@ def _encode_frames(
             t -= start
             if t >= limit:
                 break
-            # Resample to out_rate by time: keep a frame once it reaches the next output slot.
-            if out_rate != src_rate and t * out_rate + 1e-6 < written:
+            slot = t * out_rate
+            # Half a slot of tolerance: container clocks round timestamps (to ms in many mp4s).
+            if slot <= written - 0.5:
                 continue
-            img = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA", threads=1)
-            _zero_padding(img)
-            # Timestamps count output frames: constant rate, whatever the source's clock was.
-            img.pts = written
-            img.time_base = frame_tb
-            for packet in vout.encode(img):
-                out.mux(packet)
-            written += 1
+            if turns is None:  # the first frame decides, for the whole video
+                turns = round((frame.rotation or 0) / 90) % 4
+                upright = (frame.width, frame.height) if turns % 2 == 0 else (frame.height, frame.width)
+                vout.width, vout.height = _output_size(*upright, cfg.short_side)
+                size = (vout.width, vout.height) if turns % 2 == 0 else (vout.height, vout.width)
+            img = _upright(frame, size, turns)
+            while previous is not None and slot > written + 0.5:  # a gap: the last frame stays on screen
+                written = _encode(out, vout, previous, written, frame_tb)
+            written = _encode(out, vout, img, written, frame_tb)
+            previous = img
     except av.error.FFmpegError as e:
         if written == 0:
             out.close()
             return Rejected(f"undecodable video stream: {e}")
         partial = f"decoding stopped after {written} frames: {e}"
     return written, seen, partial
+
+
+def _upright(frame: av.VideoFrame, size: tuple[int, int], turns: int) -> av.VideoFrame:
+    """``frame`` scaled to ``size`` (stored orientation) and turned ``turns`` x 90 degrees counter-clockwise."""
+    if turns == 0:
+        return frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="AREA", threads=1)
+    rgb = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA", threads=1)
+    turned = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), turns))
+    return av.VideoFrame.from_ndarray(turned, format="rgb24").reformat(format="yuv420p", threads=1)
+
+
+def _encode(out, vout, img: av.VideoFrame, written: int, frame_tb: Fraction) -> int:
+    """Mux ``img`` as output frame ``written``; returns the next frame's index."""
+    _zero_padding(img)
+    # Timestamps count output frames: a constant rate, the source's clock already followed.
+    img.pts = written
+    img.time_base = frame_tb
+    for packet in vout.encode(img):
+        out.mux(packet)
+    return written + 1

@@ -417,3 +417,58 @@ def test_sample_key_survives_any_name():
     keys = {sample_key(Input(f"cls/{n}", "", "cls")) for n in names}
     assert len(keys) == len(names)
     assert all(k.replace("-", "").replace("_", "").isalnum() and k.isascii() and len(k) < 90 for k in keys)
+
+
+def _write(path: Path, frames: list[np.ndarray], times: list[float], rotation: int = 0) -> None:
+    """An mp4 of RGB ``frames`` shown at ``times`` (seconds), with a display rotation as phones write."""
+    with av.open(str(path), mode="w") as out:
+        s = out.add_stream("libx264", rate=30)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt, s.codec_context.time_base = "yuv420p", Fraction(1, 1000)
+        if rotation:
+            s.set_display_rotation(rotation)
+        for a, t in zip(frames, times):
+            f = av.VideoFrame.from_ndarray(a, format="rgb24")
+            f.pts, f.time_base = round(t * 1000), Fraction(1, 1000)
+            out.mux(s.encode(f))
+        out.mux(s.encode(None))
+
+
+def _packed_frames(tmp_path: Path, source: Path) -> tuple[dict, list[np.ndarray]]:
+    (tmp_path / "in" / "c").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "in" / "c" / source.name)
+    out = str(tmp_path / "out")
+    pack(str(tmp_path / "in"), out, ShardConfig(short_side=32), workers=1, progress=False)
+    (record,) = _records(out)
+    sample = next(iter(wds.WebDataset([str(Path(out) / "shard-000000.tar")], shardshuffle=False)))
+    with av.open(io.BytesIO(sample["mp4"])) as c:
+        return record, [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_a_portrait_phone_video_is_packed_upright(tmp_path):
+    """Stored 64 x 32 with a display rotation of 90 degrees counter-clockwise, as a phone held
+    upright writes it: packed 32 x 64, white at the bottom as a player shows it."""
+    a = np.zeros((32, 64, 3), np.uint8)
+    a[:, :16] = 255  # white at the left of the stored picture
+    _write(tmp_path / "portrait.mp4", [a] * 6, [i / 30 for i in range(6)], rotation=90)
+    record, frames = _packed_frames(tmp_path, tmp_path / "portrait.mp4")
+    assert (record["width"], record["height"]) == (32, 64)
+    rows = frames[0].mean(axis=(1, 2))
+    assert rows[-8:].mean() > 200 and rows[:40].mean() < 30
+
+
+def test_a_variable_frame_rate_video_keeps_its_local_speed(tmp_path):
+    """One second at 30 fps, then one at 6 fps (FFmpeg's average: 22.5 fps). Packed at that rate,
+    the frame on screen at 1.5 s is the source's frame at 1.5 s, not one from much earlier."""
+    n_fast, n_slow = 30, 6
+    times = [i / 30 for i in range(n_fast)] + [1 + i / 6 for i in range(n_slow)]
+    frames = [np.full((32, 32, 3), 7 * i, np.uint8) for i in range(n_fast + n_slow)]
+    _write(tmp_path / "vfr.mp4", frames, times)
+    record, packed = _packed_frames(tmp_path, tmp_path / "vfr.mp4")
+    rate = record["fps"]
+    # As long as the source: to its last frame's time, plus that frame (36 frames would be 1.6 s).
+    assert abs(record["frames"] / rate - (times[-1] + 1 / rate)) < 1.5 / rate
+    for t in (0.5, 1.0, 1.5, 1.8):
+        shown = max(i for i, s in enumerate(times) if s <= t + 0.5 / rate)  # the source frame on screen
+        got = packed[int(t * rate + 1e-9)].mean() / 7
+        assert abs(got - shown) <= 1.5, (t, got, shown)

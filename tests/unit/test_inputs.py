@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dclr_dist.shard import datasets
+from dclr_dist.shard.common import PackError
 from dclr_dist.shard.inputs import canonical_input, list_inputs
 
 
@@ -57,3 +60,26 @@ def test_one_input_spelled_several_ways_has_one_canonical_form(tmp_path, monkeyp
     specs = {canonical_input(datasets.spec("ucf101", s, annotations=s + "/splits")) for s in ("d", str(tmp_path / "d"))}
     assert len(specs) == 1
     assert canonical_input("s3://bucket/m.csv") == "s3://bucket/m.csv"
+
+
+def _tree(root, files):
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"x")
+
+
+def test_a_split_first_tree_takes_its_classes_from_the_second_level(tmp_path):
+    _tree(tmp_path, ["Train/run/a.mp4", "Train/jump/b.mp4", "test/run/c.mp4", "test/swim/d.mp4", "test/e.mp4"])
+    with pytest.raises(PackError, match=r"holds split folders \(Train, test\).*--split"):
+        list_inputs(str(tmp_path))  # not the split folders packed as classes
+    train, classes = list_inputs(str(tmp_path), "train")  # the folder's case does not matter
+    assert classes == ["jump", "run", "swim"]  # every split's classes: one numbering for both packings
+    assert sorted((i.source, i.label) for i in train) == [("Train/jump/b.mp4", "jump"), ("Train/run/a.mp4", "run")]
+    test, same = list_inputs(str(tmp_path), "test")
+    assert same == classes and [i.problem is None for i in sorted(test, key=lambda i: i.source)] == [False, True, True]
+
+
+def test_split_values_that_differ_in_case_are_the_same_split(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split\na.mp4,x,Train\nb.mp4,y,TRAIN\nc.mp4,y,test\n")
+    inputs, _ = list_inputs(str(tmp_path / "m.csv"), "train")
+    assert [i.source for i in inputs] == ["a.mp4", "b.mp4"] and all(i.problem is None for i in inputs)
