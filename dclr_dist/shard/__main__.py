@@ -145,6 +145,12 @@ def _pack_parser() -> argparse.ArgumentParser:
         help=f"reject an input not transcoded after this long (default {d.input_timeout:g})",
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing packing in OUT")
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="when OUT holds this packing finished, check every shard's sha256 against index.json "
+        "(reads every byte; without it, sizes are checked). Resuming an interrupted packing always checks",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
     return p
 
@@ -195,6 +201,7 @@ def _pack(argv: list[str]) -> int:
             use_ray=args.ray,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            verify=args.verify,
         )
     except (PackError, OSError) as e:  # StorageError is an OSError; each message names the thing and the fix
         print(f"error: {e}", file=sys.stderr)

@@ -27,13 +27,18 @@ files and the checks on them); this one runs them and writes the resume state. `
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +83,10 @@ def pack(
     use_ray: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    verify: bool = False,
 ) -> PackResult:
-    """Pack ``input_url`` into shards under ``output``; see the module docstring."""
+    """Pack ``input_url`` into shards under ``output``; see the module docstring. ``verify``: a
+    finished packing is checked by every shard's sha256, not by sizes only."""
     inputs, classes = list_inputs(input_url, split)
     if cfg.shuffle:
         # Listings are class-sorted: shards in that order give class-correlated batches and a
@@ -89,24 +96,57 @@ def pack(
     _check_output(input_url, output)
     storage.ensure_writable(output)
     fingerprint = _fingerprint(canonical_input(input_url), split, cfg, inputs, classes)
-    index_url = storage.join(output, "index.json")
     if not overwrite:
         # Packings begun before inputs had one spelling were fingerprinted with the string as typed.
         as_typed = _fingerprint(input_url, split, cfg, inputs, classes)
         if as_typed in _recorded_fingerprints(output):
             fingerprint = as_typed
+    with _exclusive(output) as tmp_dir:
+        return _locked(
+            input_url,
+            output,
+            cfg,
+            split,
+            classes,
+            inputs,
+            fingerprint,
+            tmp_dir,
+            workers,
+            use_ray,
+            progress,
+            overwrite,
+            verify,
+        )
+
+
+def _locked(
+    input_url: str,
+    output: str,
+    cfg: ShardConfig,
+    split: str | None,
+    classes: list[str],
+    inputs: list[Input],
+    fingerprint: str,
+    tmp_dir: str,
+    workers: int,
+    use_ray: bool,
+    progress: bool,
+    overwrite: bool,
+    verify: bool,
+) -> PackResult:
+    """What ``pack`` does once it holds the output alone."""
+    index_url = storage.join(output, "index.json")
     if overwrite:
         _clear(output, cfg.prefix)
     elif storage.exists(index_url):
         existing = _read_json(index_url)
         if existing.get("fingerprint") == fingerprint:
-            _verify_finished(output, existing, inputs)
+            _verify_finished(output, existing, inputs, verify)
             return PackResult(existing, resumed_shards=len(existing["shards"]), already_complete=True)
         raise PackError(
             f"{output} already holds a packing of other inputs or options (index.json). "
             "Choose another --output, or pass --overwrite to replace it."
         )
-    tmp_dir = tempfile.gettempdir() if storage.is_s3(output) else str(storage.local_path(output))
     try:
         return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, workers, use_ray, progress)
     except OSError as e:
@@ -120,6 +160,49 @@ def pack(
             f"{e.filename or tmp_dir}: {e.strerror} while writing the shards; {hint}, then re-run the "
             "same command: the shards finished so far are kept"
         ) from None
+
+
+@contextlib.contextmanager
+def _exclusive(output: str) -> Iterator[str]:
+    """Hold ``output`` against other packings (a lock) and give the folder its shards are assembled in.
+
+    Local: the output folder itself, so publishing a shard is a rename. S3: a private folder
+    of this user under $TMPDIR named after the output, so a killed run's temporaries are
+    found and removed by the next run to that output (on this machine; the lock is this
+    machine's too: two machines packing into one bucket prefix are not stopped).
+    """
+    if storage.is_s3(output):
+        digest = hashlib.sha256(output.encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"dclr-pack-{os.getuid()}-{digest}"
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PackError(
+                f"{folder}: not a private folder of this user, so shards are not assembled there; "
+                "remove it, or set TMPDIR to another folder"
+            )
+    else:
+        folder = storage.local_path(output)
+    lock = folder / ".pack.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PackError(
+                f"{output}: another packing is writing there now (it holds {lock}); wait for it to end, "
+                "or choose another --output"
+            ) from None
+        try:
+            yield str(folder)
+        finally:
+            lock.unlink(missing_ok=True)
+            if storage.is_s3(output):
+                with contextlib.suppress(OSError):  # not empty: a failed run's, for the next one to clear
+                    folder.rmdir()
+    finally:
+        os.close(fd)
 
 
 def _check_output(input_url: str, output: str) -> None:
@@ -156,11 +239,10 @@ def _run(
         storage.join(output, f"{STATE_DIR}/run.json"), json.dumps({"fingerprint": fingerprint}).encode()
     )
     resumed = len(states)
-    if not storage.is_s3(output):
-        # Shards are assembled next to their final name so publishing is a rename; a killed
-        # run leaves its half-written temporaries behind, which nothing will ever finish.
-        for stale in Path(tmp_dir).glob(f".{cfg.prefix}-*.tmp"):
-            stale.unlink()
+    # A killed run leaves its half-written temporaries behind, which nothing will ever finish;
+    # the folder is this output's alone (see _exclusive), so they are the previous run's.
+    for stale in Path(tmp_dir).glob(f".{cfg.prefix}-*.tmp"):
+        stale.unlink()
 
     done = states[-1]["next_input"] if states else 0
     bar = _progress(len(inputs), done, progress)

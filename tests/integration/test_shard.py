@@ -213,6 +213,15 @@ def test_rerun_on_finished_output_does_nothing_and_other_options_are_refused(cla
     rel = os.path.relpath(class_folders)
     assert pack(rel, out, CFG, progress=False).already_complete
     assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == before
+    # A flipped byte keeps the size: --verify reads the shards again and finds it.
+    assert pack(str(class_folders), out, CFG, progress=False, verify=True).already_complete
+    shard = Path(out) / "shard-000000.tar"
+    blob = bytearray(shard.read_bytes())
+    blob[700] ^= 1
+    shard.write_bytes(bytes(blob))
+    assert pack(str(class_folders), out, CFG, progress=False).already_complete  # sizes only
+    with pytest.raises(PackError, match=r"shard-000000.tar does not hold the bytes index.json records \(sha256\)"):
+        pack(str(class_folders), out, CFG, progress=False, verify=True)
     with pytest.raises(PackError, match="--overwrite"):
         pack(str(class_folders), out, ShardConfig(short_side=64, max_samples=3), progress=False)
     replaced = pack(
@@ -472,3 +481,30 @@ def test_a_variable_frame_rate_video_keeps_its_local_speed(tmp_path):
         shown = max(i for i, s in enumerate(times) if s <= t + 0.5 / rate)  # the source frame on screen
         got = packed[int(t * rate + 1e-9)].mean() / 7
         assert abs(got - shown) <= 1.5, (t, got, shown)
+
+
+def test_two_packings_into_one_output_the_second_is_told_why(class_folders, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # Another packer holds the output: the same lock a running pack() takes.
+    with open(out / ".pack.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PackError, match=r"another packing is writing there now .* or choose another --output"):
+            pack(str(class_folders), str(out), CFG, progress=False)
+    assert pack(str(class_folders), str(out), CFG, progress=False).index["samples"] > 0
+    assert not (out / ".pack.lock").exists()
+
+
+def test_a_killed_s3_packing_leaves_no_temporaries_after_the_next_run(class_folders, bucket):
+    import hashlib
+    import tempfile
+
+    output = f"{bucket}/k"
+    work = Path(tempfile.gettempdir()) / f"dclr-pack-{os.getuid()}-{hashlib.sha256(output.encode()).hexdigest()[:16]}"
+    work.mkdir(mode=0o700)
+    stale = work / ".shard-000000.tar.x1y2.tmp"  # what a kill -9 mid-shard leaves
+    stale.write_bytes(b"half a shard")
+    pack(str(class_folders), output, CFG, progress=False)
+    assert not stale.exists() and not work.exists()
