@@ -21,3 +21,6 @@ class Input:
     # Set when the input is unusable before any decoding (bad manifest row, hidden file, duplicate).
     problem: str | None = None
     where: str | None = None  # "m.csv line 7": named in the reasons of a manifest row's rejects
+    # The path's own bytes (surrogate-escaped) when a name is not UTF-8 and ``source`` shows it
+    # escaped: two byte names can print alike, so the sample key hashes this.
+    raw: str | None = None

@@ -189,7 +189,10 @@ def _walk_entry(
                 classes.append(name)
             _walk_folder(root, entry.path, sub, label or name, (*ancestors, real), inputs, classes)
     else:
-        inputs.append(_file_input(entry, sub, rel, label, ancestors))
+        inp = _file_input(entry, sub, rel, label, ancestors)
+        raw = entry.path[len(str(root)) + 1 :]
+        inp.raw = raw if raw != sub else None
+        inputs.append(inp)
 
 
 def _file_input(entry: os.DirEntry, sub: str, rel: str, label: str, ancestors: tuple[str, ...]) -> Input:
@@ -407,6 +410,6 @@ def sample_key(inp: Input) -> str:
     [A-Za-z0-9_-] from the class and file stem for readability, and a hash of the source
     path for uniqueness (the same file name in two class folders stays two samples).
     """
-    digest = hashlib.sha1(inp.source.encode("utf-8")).hexdigest()[:12]
+    digest = hashlib.sha1((inp.raw or inp.source).encode("utf-8", "surrogateescape")).hexdigest()[:12]
     stem = inp.source.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     return f"{_slug(inp.label, 24)}-{_slug(stem, 40)}-{digest}"

@@ -83,3 +83,20 @@ def test_split_values_that_differ_in_case_are_the_same_split(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,split\na.mp4,x,Train\nb.mp4,y,TRAIN\nc.mp4,y,test\n")
     inputs, _ = list_inputs(str(tmp_path / "m.csv"), "train")
     assert [i.source for i in inputs] == ["a.mp4", "b.mp4"] and all(i.problem is None for i in inputs)
+
+
+def test_two_byte_names_that_print_alike_get_two_keys(tmp_path):
+    """A Latin-1 name (b"caf\\xe9") prints as "caf\\xe9", as does a UTF-8 name with a backslash."""
+    from dclr_dist.shard.inputs import sample_key
+
+    folder = os.fsencode(tmp_path / "cls")
+    os.mkdir(folder)
+    for name in (b"caf\xe9.mp4", b"caf\\xe9.mp4"):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"x")
+    inputs, _ = list_inputs(str(tmp_path))
+    assert [i.source for i in inputs] == ["cls/caf\\xe9.mp4"] * 2  # what records show
+    assert len({sample_key(i) for i in inputs}) == 2
+    assert sample_key(next(i for i in inputs if i.raw is None)) == sample_key(
+        type(inputs[0])("cls/caf\\xe9.mp4", "", "cls")
+    )  # UTF-8 names keep the keys they always had
