@@ -148,6 +148,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     cfg = _build(Config, tree, prefix="", where=str(path) if path is not None else "<defaults>")
+    _no_repeated_lists(overrides)
     for item in overrides:
         _apply_override(cfg, item)
     cfg.validate(str(path) if path is not None else "<command line>")
@@ -261,6 +262,36 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
 
 
+def _no_repeated_lists(overrides) -> None:
+    """A list key given twice on one command line is almost always an unquoted brace pattern
+    the shell expanded into one override per shard, of which only the last would count."""
+    seen: dict[str, int] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        seen[key] = seen.get(key, 0) + 1
+    for key, n in seen.items():
+        if n > 1 and key in ("data.train", "data.eval"):
+            raise ConfigError(
+                f"command line: {key} given {n} times; the shell expands an unquoted brace pattern into one "
+                f"argument per shard: quote it, e.g. '{key}=[shards/shard-{{000000..000009}}.tar]'"
+            )
+
+
+def _text_list(raw: str) -> list[str]:
+    """``[a, b/{0..9}.tar]`` or a bare ``b/{0..9}.tar`` as a list of text; commas inside braces
+    belong to the pattern (YAML reads ``{`` in a list as the start of a mapping)."""
+    body = raw.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    items, depth, start = [], 0, 0
+    for n, c in enumerate(body + ","):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            items.append(body[start:n].strip().strip("'\""))
+            start = n + 1
+    return [item for item in items if item]
+
+
 def _apply_override(cfg: Config, item: str) -> None:
     where = "command line"
     if "=" not in item:
@@ -286,6 +317,8 @@ def _apply_override(cfg: Config, item: str) -> None:
             hint = typing.get_type_hints(type(node))[name]
             if hint is str and not isinstance(value, str):
                 value = raw  # "prefix=001" stays the string the user typed
+            if hint == list[str] and not isinstance(value, list):
+                value = _text_list(raw)  # a brace pattern, or one path without brackets
             setattr(node, name, _coerce(hint, value, dotted, where))
         else:
             node = getattr(node, name)

@@ -498,7 +498,7 @@ def test_shard_lists_resolve_from_a_folder_an_index_a_pattern_or_urls(corpus, tm
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("data.loader_workers=-1", "data.loader_workers must be >= 0"),
         ("data.epoch_batches=0", "data.epoch_batches must be >= 1 or null"),
-        ("data.train=s3://bucket/x", "data.train must be a list"),
+        ("data.train=[1, 2]", r"data.train\[0\] must be str"),
         ("data.shuffle_bufer=3", "did you mean 'shuffle_buffer'"),
         ("data.shuffle_initial=300", r"data.shuffle_initial must be <= data.shuffle_buffer \(256\)"),
     ],

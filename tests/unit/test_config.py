@@ -115,3 +115,23 @@ def test_a_bad_aws_max_attempts_is_one_line_naming_it(monkeypatch, value):
         )
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
     assert storage.max_attempts() == 7 and forwarded_env()["AWS_MAX_ATTEMPTS"] == "7"
+
+
+@pytest.mark.parametrize(
+    "override, shards",
+    [
+        ("data.train=[s3://b/shard-{000000..000009}.tar]", ["s3://b/shard-{000000..000009}.tar"]),
+        ("data.train=s3://b/shard-{000000..000009}.tar", ["s3://b/shard-{000000..000009}.tar"]),
+        ("data.train=[a/{0,1}.tar, b]", ["a/{0,1}.tar", "b"]),
+        ("data.eval=runs/packed", ["runs/packed"]),
+    ],
+)
+def test_a_quoted_brace_pattern_or_a_bare_path_is_a_list_of_shards(override, shards):
+    key = override.split("=")[0].split(".")[1]
+    assert getattr(load_config(None, [override]).data, key) == shards
+
+
+def test_an_unquoted_brace_pattern_the_shell_expanded_is_told_to_quote_it():
+    # bash turns data.train=[s/{0..2}.tar] into one argument per shard; only the last would count.
+    with pytest.raises(ConfigError, match=r"data.train given 3 times; .* quote it"):
+        load_config(None, [f"data.train=[s/{i}.tar]" for i in range(3)])
