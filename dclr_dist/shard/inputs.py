@@ -41,13 +41,14 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
         inputs, classes = datasets.list_dataset(dataset, split)
         _mark_duplicates(inputs)
         return inputs, classes
-    if storage.is_s3(input_url):
+    manifest = input_url.lower().endswith((".csv", ".jsonl"))
+    if storage.is_s3(input_url) and not manifest:
         raise PackError(
             f"{input_url}: an S3 input must be a manifest file (.csv or .jsonl) "
             "whose rows point at the videos; class folders are read from local disk"
         )
-    path = storage.local_path(input_url)
-    if path.is_dir():
+    path = None if storage.is_s3(input_url) else storage.local_path(input_url)
+    if path is not None and path.is_dir():
         inputs, classes = _list_folder(path)
         if _split_first(path, classes):
             if split is None:
@@ -56,14 +57,21 @@ def list_inputs(input_url: str, split: str | None = None) -> tuple[list[Input], 
                     f"pack one split at a time with --split (e.g. --split {sorted(classes)[-1]})"
                 )
             inputs, classes = _split_first_inputs(inputs)
-    elif path.suffix.lower() in (".csv", ".jsonl"):
-        inputs = _list_manifest(path)
+    elif manifest and (path is None or path.exists()):
+        inputs = _list_manifest(input_url if path is None else str(path))
         # Before the split is chosen: a class that one split lacks must not shift the labels of the rest.
         classes = list({i.label for i in inputs if i.problem is None})
     elif not path.exists():
         raise PackError(f"{input_url}: no such file or folder")
     else:
         raise PackError(f"{input_url}: expected a class folder or a .csv/.jsonl manifest")
+    return _choose_split(input_url, inputs, classes, split)
+
+
+def _choose_split(
+    input_url: str, inputs: list[Input], classes: list[str], split: str | None
+) -> tuple[list[Input], list[str]]:
+    """The inputs of ``split`` (all without one), duplicates marked, and the sorted classes."""
     if split is not None:
         # Split names are matched without case: "Train" rows are --split train's, not left out.
         for i in inputs:
@@ -226,9 +234,13 @@ def _column(name: str) -> str:
     return name.lower() if name.lower() in _KNOWN_COLUMNS else name
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: str) -> str:
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise PackError(f"{path}: no such manifest") from None
+    except storage.StorageError as e:
+        raise PackError(f"cannot read the manifest: {e}") from None
     except OSError as e:
         raise PackError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
     try:
@@ -241,7 +253,11 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _csv_rows(path: str, text: str) -> Iterator[tuple[int, dict[str, Any], str | None]]:
     """(line, row, problem) for every non-blank row; the header is checked here, up front."""
     for delimiter in _DELIMITERS:
         # strict: a stray quote is an error here, not a value that silently swallows the rows after it.
@@ -273,7 +289,7 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str 
                     f"{path}: line {n}: a quoted value runs on to line {end}, taking the rows between "
                     "with it; check the quotes on that line"
                 )
-            where = f"{path.name} line {n}"
+            where = f"{_basename(path)} line {n}"
             problem = None
             if any(f.strip() for f in fields[len(columns) :]):
                 problem = (
@@ -290,12 +306,12 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str 
         raise PackError(f"{path}: line {end + 1}: {e}; check the quotes on that line") from None
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+def _jsonl_rows(path: str, text: str) -> Iterator[tuple[int, dict[str, Any], str | None]]:
     # Split on newlines only: str.splitlines() would also cut at U+2028 inside a JSON string.
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path.name} line {n}"
+        where = f"{_basename(path)} line {n}"
         try:
             row = json.loads(line)
         except ValueError as e:
@@ -324,13 +340,14 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _list_manifest(path: Path) -> list[Input]:
-    base = path.parent
+def _list_manifest(path: str) -> list[Input]:
+    """The rows of a local or S3 manifest; relative paths are relative to its folder."""
+    base = path.rsplit("/", 1)[0] if storage.is_s3(path) else str(Path(path).parent)
     text = _read_text(path)
-    rows = list(_csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text))
+    rows = list(_csv_rows(path, text) if path.lower().endswith(".csv") else _jsonl_rows(path, text))
     inputs = []
     for n, row, problem in rows:
-        where = f"{path.name} line {n}"
+        where = f"{_basename(path)} line {n}"
         src, label, split = (_text(row.get(k)) for k in _KNOWN_COLUMNS)
         for key, value in (("path", src), ("label", label), ("split", split)):
             if problem is None and value is None:
@@ -347,7 +364,7 @@ def _list_manifest(path: Path) -> list[Input]:
             if k not in _KNOWN_COLUMNS and v is not None
         }
         src = src or f"<{where}>"
-        url = src if storage.is_s3(src) or os.path.isabs(src) else str(base / src)
+        url = src if storage.is_s3(src) or os.path.isabs(src) else storage.join(base, src)
         inputs.append(Input(src, url, label or "", None if bad else split or None, meta, problem, where))
     if not inputs:
         raise PackError(f"{path}: the manifest has no rows")

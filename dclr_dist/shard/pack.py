@@ -417,7 +417,8 @@ def _finish(
 
 
 def _reason_kind(reason: str) -> str:
-    return reason.split(":", 1)[0].split(" line ")[0].strip()
+    # "no video stream (found: audio)" is of the kind "no video stream".
+    return reason.split(":", 1)[0].split(" line ")[0].split(" (", 1)[0].strip()
 
 
 def _clear(output: str, prefix: str) -> None:

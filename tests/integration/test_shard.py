@@ -164,6 +164,9 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_is_lost(class_folders,
     for name, reason in expected.items():
         assert reason in rejects[f"Broken/{name}"], (name, rejects[f"Broken/{name}"])
     assert "class folder" in rejects["stray.mp4"]
+    # counted by kind: the text before its first ':' or ' (' ("no video stream (found: audio)")
+    assert index["reject_reasons"]["no video stream"] >= 1 and index["reject_reasons"]["not inside a class folder"] == 1
+    assert not any("(" in kind for kind in index["reject_reasons"]), index["reject_reasons"]
     # a class whose every file was rejected still has its label index: labels never shift
     assert index["classes"] == ["Biking", "Broken", "Talking"]
 
@@ -508,3 +511,17 @@ def test_a_killed_s3_packing_leaves_no_temporaries_after_the_next_run(class_fold
     stale.write_bytes(b"half a shard")
     pack(str(class_folders), output, CFG, progress=False)
     assert not stale.exists() and not work.exists()
+
+
+def test_a_manifest_on_s3_packs_the_videos_it_names(bucket, sample_videos):
+    """Rows relative to the manifest's own prefix, or full s3:// URLs; a missing manifest is one line."""
+    storage.write_bytes(f"{bucket}/raw/v/a.mp4", Path(sample_videos["bikes"]).read_bytes())
+    storage.write_bytes(f"{bucket}/other/b.mp4", Path(sample_videos["carphone_pristine"]).read_bytes())
+    storage.write_bytes(
+        f"{bucket}/raw/m.csv", f"path,label,split\nv/a.mp4,ride,train\n{bucket}/other/b.mp4,call,train\n".encode()
+    )
+    out = f"{bucket}/packed"
+    index = pack(f"{bucket}/raw/m.csv", out, CFG, split="train", progress=False).index
+    assert index["samples"] == 2 and index["rejected"] == 0 and index["classes"] == ["call", "ride"]
+    with pytest.raises(PackError, match=rf"^{bucket}/raw/nope.csv: no such manifest$"):
+        pack(f"{bucket}/raw/nope.csv", f"{bucket}/x", CFG, progress=False)
