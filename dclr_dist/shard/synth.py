@@ -276,8 +276,16 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: s
 def _claim(out: Path, params: dict) -> None:
     """Record the arguments in ``out``, or refuse if it already holds a corpus made with others."""
     record = out / _RECORD
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a folder; choose another --output")
     if record.exists():
-        old = json.loads(record.read_text())
+        try:
+            old = json.loads(record.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(
+                f"{record}: damaged (not the JSON this command writes); delete the folder {out} and write the "
+                "corpus again, or choose another --output"
+            ) from None
         if old != params:
             diff = ", ".join(
                 f"{k}={old.get(k)} (now {params.get(k)})"
@@ -289,8 +297,11 @@ def _claim(out: Path, params: dict) -> None:
                 f"use another output folder, or the same arguments to complete it"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(record, json.dumps(params, indent=2, sort_keys=True) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(record, json.dumps(params, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write there ({e.strerror or e}); choose another --output") from None
 
 
 def _manifest_text(videos: list[_Video]) -> str:

@@ -241,3 +241,14 @@ def test_command_line(tmp_path, capsys):
     assert len(_rows(tmp_path / "c" / "manifest.csv")) == 6
     assert shard_main(["synth", "--output", str(tmp_path / "d"), "--classes", "99"]) == 1
     assert "num_classes must be between 1 and 8" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_or_a_damaged_record_is_one_line(small, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file: is a file, not a folder; choose another --output"):
+        synth.write_corpus(tmp_path / "file", **SMALL)
+    root = tmp_path / "corpus"
+    shutil.copytree(small.parent, root)
+    (root / "synth.json").write_text('{"seed": ')
+    with pytest.raises(ValueError, match=r"synth.json: damaged .* delete the folder"):
+        synth.write_corpus(root, **SMALL)
