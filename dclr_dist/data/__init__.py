@@ -12,8 +12,10 @@ Shards are tars of samples, each an .mp4 video and a .json record sharing a key.
     skipped_samples, skipped_shards: () int64, damage since this stream's previous batch
 Evaluation (``eval_loader``: every video once across ranks, in shard order): clips
 (B, N, 3, T, S, S) float32, N uniformly spaced clips per video; label; key; meta (B dicts); the
-skip counts. The loader's own batches (uint8 frames) and decoding: decode.py; epochs, order and
-distribution over ranks: shards.py; damage: read.py; the loader across epochs: loader.py.
+skip counts; a stream whose last batch was followed by damage ends with a batch of no videos
+({"key": [], "skipped_samples", "skipped_shards"}) so that no count is lost. The loader's own
+batches (uint8 frames) and decoding: decode.py; epochs, order and distribution over ranks:
+shards.py; damage: read.py; the loader across epochs: loader.py.
 """
 
 # Private names the tests reach.

@@ -113,6 +113,9 @@ class EvalStream(IterableDataset):
                 batch = []
         if batch:
             yield _collate(batch, skips)
+        samples, shards = skips.take()
+        if samples or shards:  # damage after the last batch, which no batch carried: a batch of none
+            yield {"key": [], "skipped_samples": torch.tensor(samples), "skipped_shards": torch.tensor(shards)}
 
 
 def train_loader(

@@ -78,6 +78,9 @@ def _batch_features(
         dataclasses.replace(data_cfg, eval=list(urls)), views_cfg, rank=rank, world_size=world_size
     ):
         skipped = int(batch["skipped_samples"]), int(batch["skipped_shards"])
+        if not batch["key"]:  # damage counts only (data.EvalStream)
+            yield None, None, [], [], *skipped
+            continue
         batch = data.to_device(batch, device, views_cfg)
         clips = batch["clips"]  # (B, N, 3, T, S, S)
         B, N = clips.shape[:2]
@@ -93,6 +96,8 @@ def _batch_features(
 
 def _merge(parts: list[tuple], urls: list[str], listed: int | None) -> Features:
     """One split's Features from the batches of every rank or worker, in key order."""
+    skipped_shards = sum(p[5] for p in parts)
+    skipped_samples = sum(p[4] for p in parts)
     parts = [p for p in parts if p[2]]
     if not parts:
         raise EvalError(
@@ -103,16 +108,16 @@ def _merge(parts: list[tuple], urls: list[str], listed: int | None) -> Features:
     keys = [k for p in parts for k in p[2]]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     metas = [m for p in parts for m in p[3]]
-    # The loader's counts travel with batches, so damage after a stream's last batch is not
-    # in them; the index.json sample counts (``listed``) are exact where every shard is there.
-    skipped = listed - len(keys) if listed is not None else sum(p[4] for p in parts)
+    # The index.json sample counts (``listed``) are exact where every shard is listed; without
+    # them, what the streams counted (damage after a stream's last batch comes in a batch of none).
+    skipped = listed - len(keys) if listed is not None else skipped_samples
     return Features(
         torch.cat([p[0] for p in parts])[order],
         torch.cat([p[1] for p in parts])[order],
         [keys[i] for i in order],
         [metas[i] for i in order],
         skipped,
-        sum(p[5] for p in parts),
+        skipped_shards,
     )
 
 

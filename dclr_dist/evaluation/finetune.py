@@ -132,6 +132,8 @@ def _clip_averaged_predictions(
     keys, preds, labels = [], [], []
     with torch.no_grad():
         for batch in data.eval_loader(dataclasses.replace(cfg.data, eval=test), cfg.views, rank=rank, world_size=world):
+            if not batch["key"]:  # damage counts only
+                continue
             batch = data.to_device(batch, device, cfg.views)
             clips = batch["clips"]  # (B, N, 3, T, S, S)
             B, N = clips.shape[:2]

@@ -487,3 +487,16 @@ def test_cli_help_and_a_run(trained, shards, tmp_path):
     r = cli("--checkpoint", str(trained["run"]), "--train", shards["train"], "--test", shards["test"], "eval.knn_k=0")
     assert r.returncode == 2 and "eval.knn_k must be >= 1, got 0" in r.stderr
     assert storage.exists(str(trained["run"] / "best" / "backbone.pt"))
+
+
+def test_a_damaged_shard_after_the_last_batch_is_counted(shards, tmp_path):
+    """The last shard unreadable: no batch follows its damage, and the count still arrives."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards["train"], damaged)
+    last = sorted(damaged.glob("shard-*.tar"))[-1]
+    last.write_bytes(np.random.default_rng(0).bytes(last.stat().st_size))
+    cfg = _cfg(shards, tmp_path, "data.loader_workers=0")
+    torch.manual_seed(0)
+    f, _ = backbone("tiny", 8)
+    feats = extract(f, cfg.data, cfg.views, [str(damaged)], torch.device("cpu"))
+    assert feats.skipped_shards == 1 and feats.skipped_samples + len(feats.keys) == 8 * CLASSES
