@@ -525,3 +525,22 @@ def test_a_manifest_on_s3_packs_the_videos_it_names(bucket, sample_videos):
     assert index["samples"] == 2 and index["rejected"] == 0 and index["classes"] == ["call", "ride"]
     with pytest.raises(PackError, match=rf"^{bucket}/raw/nope.csv: no such manifest$"):
         pack(f"{bucket}/raw/nope.csv", f"{bucket}/x", CFG, progress=False)
+
+
+def test_the_same_packing_under_two_hash_seeds_is_byte_identical(tmp_path, sample_videos):
+    """Labels equal as numbers ("1", "01") and a set of classes are where a hash order could leak."""
+    shutil.copyfile(sample_videos["bikes"], tmp_path / "a.mp4")
+    shutil.copyfile(sample_videos["carphone_pristine"], tmp_path / "b.mp4")
+    (tmp_path / "m.csv").write_text("path,label\na.mp4,1\nb.mp4,01\n")
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out-{seed}"
+        subprocess.run(
+            [sys.executable, "-m", "dclr_dist.shard", "--input", "m.csv", "--output", str(out), "--short-side", "32"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+            capture_output=True,
+        )
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1] and json.loads(outs[0]["index.json"])["classes"] == ["01", "1"]
