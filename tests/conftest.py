@@ -199,3 +199,22 @@ def shards(tmp_path_factory) -> dict[str, str]:
         test_scenes=2,
         max_samples=3,
     )
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A gloo process group of one in this process, what the DeepSpeed engine is built on."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        )
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()  # later tests expect a process without one

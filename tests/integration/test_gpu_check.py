@@ -87,6 +87,7 @@ def test_reduced_gpu_check_reports_every_part(tmp_path, bucket, sample_videos):
         for field in STEP_FIELDS:
             assert field in r, (r["name"], field)
         assert r["samples_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] is None
+        assert set(r["host_syncs"]) >= {"total", "by_kind", "by_phase"}  # benchmarks/syncs.py's four kinds
         # the project's own code never makes the host wait for the device
         assert not set(r["host_syncs"]["by_phase"]) & set(PROJECT_PHASES), r["host_syncs"]
     # With ZeRO 0 (the trainer's default) a whole step has none; DeepSpeed's ZeRO-1/2 step reads

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +15,7 @@ from dclr_dist.config import load_config
 from dclr_dist.engine import BUCKET_ELEMENTS, build
 from dclr_dist.model import VIEWS
 
-
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-        )
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()  # later tests expect a process without one
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
@@ -265,3 +252,36 @@ def test_resume_loads_weights_only_whatever_the_user_s_torch_environment(
     assert all(torch.equal(saved[k], v) for k, v in engine.module.state_dict().items())
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
     assert {k: os.environ.get(k) for k in user_env} == user_env
+
+
+@pytest.mark.parametrize("throughput_timer", [False, True])
+def test_the_trainer_s_step_has_no_host_sync_and_deepspeed_s_timer_would_add_them(
+    process_group, throughput_timer, monkeypatch
+):
+    """benchmarks/syncs.py (the GPU check's counter) on the trainer's engine: nothing in a step as
+    configured; with DeepSpeed's default throughput timer, its device synchronisations."""
+    import importlib.util
+
+    from dclr_dist import engine as engine_module
+
+    spec = importlib.util.spec_from_file_location("syncs", REPO / "benchmarks" / "syncs.py")
+    syncs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(syncs)
+    if throughput_timer:  # DeepSpeed's default, which deepspeed_config turns off
+        config = engine_module.deepspeed_config
+        monkeypatch.setattr(
+            engine_module, "deepspeed_config", lambda c: {**config(c), "timers": {"throughput": {"enabled": True}}}
+        )
+    torch.manual_seed(0)
+    engine, criterion = build(_tiny(), world_size=1, steps_per_epoch=8, device=torch.device("cpu"))
+    batch = {name: torch.randn(4, 3, 4, 32, 32) for name in VIEWS}
+    for _ in range(4):  # the timer starts timing at its third step
+        with syncs.watch(torch.device("cpu")) as w:
+            engine.backward(criterion(engine(batch))["loss"])
+            engine.step()
+            engine.module.momentum_update()
+    counts = w.counts()
+    if throughput_timer:
+        assert counts["by_kind"].get("synchronize", 0) == 2, counts
+    else:
+        assert counts["total"] == 0, counts
