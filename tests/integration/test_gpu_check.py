@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dclr_dist.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 
 STEP_FIELDS = (
@@ -99,6 +101,7 @@ def test_reduced_gpu_check_reports_every_part(tmp_path, bucket, sample_videos):
 
     # (b) real footage, measured on one core and on all, and the cores a GPU needs
     data = report["data"]
+    assert data["x264_tune"] == load_config("k400_r2plus1d").shard.tune == "fastdecode"  # as the recipe packs
     assert data["footage"].startswith("real"), data
     for part in ("one_core", "all_cores"):
         assert data[part]["samples"] > 0 and data[part]["samples_per_s"] > 0, data[part]
