@@ -571,6 +571,14 @@ def print_table(report: dict) -> None:
             f"| {fmt(r['mfu'], '.1%', 'unknown'):>7} | {syncs['total']:>10d} | {r['peak_memory_mb']:>8.0f} "
             f"| {r['warmup_s']:>9.1f} | {note}"
         )
+    best = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["samples_per_s"], default=None)
+    if best is not None:
+        # The figure that replaces the sizing's assumption (docs/design.md, section 9).
+        print(
+            f"    sizing: best row '{best['name']}', {best['samples_per_s']:.1f} samples/s at MFU "
+            f"{fmt(best['mfu'], '.1%', 'unknown')}; the sizing assumed 10-20% MFU (about 90-175 samples/s on "
+            "an H100, memory-bound): use this figure instead"
+        )
     d = report.get("data")
     if d and "one_core" in d:
         one, every = d["one_core"], d["all_cores"]
