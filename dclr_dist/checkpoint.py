@@ -205,14 +205,17 @@ def report_with_checkpoint(
         raise
 
 
-def save_best(engine, cfg: Config, world: int, epoch: int, run_url: str, metrics: dict) -> None:
+def save_best(
+    engine, cfg: Config, world: int, epoch: int, run_url: str, metrics: dict, writes: storage.BackgroundWrites
+) -> None:
     """best/: the backbone of the best epoch so far, which outlives Ray's keep-the-newest-N.
 
     Written at every improvement, checkpoint epoch or not, so an improvement between
-    checkpoints is not lost; meta.json last, as the mark of a complete pair.
+    checkpoints is not lost; meta.json last, as the mark of a complete pair. The weights are
+    taken now, the upload goes on in the background (``writes``, in order).
     """
-    storage.write_bytes(storage.join(run_url, "best/backbone.pt"), export_backbone(engine))
-    storage.write_bytes(
+    writes.write(storage.join(run_url, "best/backbone.pt"), export_backbone(engine))
+    writes.write(
         storage.join(run_url, "best/meta.json"),
         json.dumps({**checkpoint_meta(cfg, world, epoch), "metrics": metrics}).encode(),
     )

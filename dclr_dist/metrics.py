@@ -17,7 +17,8 @@ class MetricsLog:
     """Rank 0's metrics: JSON lines and TensorBoard events under ``<run>/metrics``.
 
     Written locally; for an s3:// run they are written to a local folder and copied to the
-    run's prefix at every epoch end, so a killed node loses at most one epoch of curves. That
+    run's prefix at every epoch end, in the background (``writes``, which best/ shares), so a
+    killed node loses at most one epoch of curves and no rank waits for the upload. That
     folder is a fresh private one (mkdtemp): a predictable name in the shared temp dir would
     follow a symlink planted there and merge an earlier run's leftovers.
     """
@@ -38,6 +39,7 @@ class MetricsLog:
 
         self.tb = SummaryWriter(str(local))
         self.jsonl = open(local / "metrics.jsonl", "a")
+        self.writes = storage.BackgroundWrites()
 
     def write(self, kind: str, step: int, values: dict) -> None:
         self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
@@ -49,13 +51,16 @@ class MetricsLog:
     def sync(self) -> None:
         self.tb.flush()
         if storage.is_s3(self.run_url):
-            for path in self.dir.iterdir():
-                storage.write_bytes(storage.join(self.run_url, f"metrics/{path.name}"), path.read_bytes())
+            for path in self.dir.iterdir():  # read now: the files grow while the upload runs
+                self.writes.write(storage.join(self.run_url, f"metrics/{path.name}"), path.read_bytes())
 
     def close(self) -> None:
-        self.sync()
-        self.tb.close()
-        self.jsonl.close()
+        try:
+            self.sync()
+            self.tb.close()
+            self.jsonl.close()
+        finally:
+            self.writes.close()
         if storage.is_s3(self.run_url):
             shutil.rmtree(self.dir)
 

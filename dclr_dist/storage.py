@@ -228,6 +228,33 @@ def write_bytes(url: str, data: bytes) -> None:
         raise
 
 
+class BackgroundWrites:
+    """Writes the training step need not wait for (best/, the metrics files), in order, on one
+    thread: an S3 round trip at an epoch end would otherwise hold every rank at the next
+    collective. At most ``limit`` wait at once (then the caller waits for the oldest); an
+    error surfaces at the next write or at ``close``, which waits for all of them."""
+
+    def __init__(self, limit: int = 4):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dclr-writes")
+        self._pending: deque = deque()
+        self.limit = limit
+
+    def write(self, url: str, data: bytes) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.limit):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write_bytes, url, data))
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown()
+
+
 def publish_file(src: str | Path, url: str) -> None:
     """Move a finished local file to ``url`` atomically (the source is consumed)."""
     src = Path(src)

@@ -126,8 +126,8 @@ def end_epoch(r: Rank, epoch: int, metrics: dict, best: dict, checkpoint_due: bo
         best["value"] is None or (value > best["value"] if ranking == "knn_acc" else value < best["value"])
     ):
         best["value"] = value
-        if r.rank == 0:
-            save_best(r.engine, cfg, r.world, epoch, r.run_url, metrics)
+        if r.log is not None:  # rank 0
+            save_best(r.engine, cfg, r.world, epoch, r.run_url, metrics, r.log.writes)
     if r.log is not None:
         r.log.write("epoch", epoch + 1, metrics)
         r.log.sync()
