@@ -72,7 +72,10 @@ class ViewBatchNorm(nn.BatchNorm3d):
 
     def _synced(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
+
+        # Functional collectives: differentiable, traceable by torch.compile (the older
+        # torch.distributed.nn.functional.all_reduce is deprecated and refuses compile).
+        from torch.distributed._functional_collectives import all_reduce
 
         wide = torch.promote_types(x.dtype, torch.float32)
         parts = x.split(sizes)
@@ -80,7 +83,7 @@ class ViewBatchNorm(nn.BatchNorm3d):
         # (S, 2, C): each segment's sum and sum of squares over videos and positions, all
         # segments in one collective (differentiable: backward all-reduces the gradient).
         moments = torch.stack([torch.stack([p.to(wide).sum(dims), p.to(wide).square().sum(dims)]) for p in parts])
-        moments = all_reduce(moments, group=self.group)
+        moments = all_reduce(moments, "sum", self.group)
         positions = x[0, 0].numel() * dist.get_world_size(self.group)
         out = []
         for i, p in enumerate(parts):
