@@ -353,8 +353,30 @@ def test_ssv2_labels_json_and_templates(tmp_path, tiny):
     assert rejects["3.webm"].startswith("missing: 3.webm")
     assert rejects["5.webm"].startswith("unknown class: 'Spinning something that quickly stops spinning'")
     assert index["reject_reasons"] == {"missing": 1, "unknown class": 1}
-    with pytest.raises(PackError, match=r"test.json: no templates"):
+    with pytest.raises(PackError, match=r"test.json: no templates, so no labels; the test split's are in test-answers"):
         list_inputs(datasets.spec("ssv2", root, annotations=ann), "test")
+
+    # The test split's answers (the current package ships labels/test-answers.csv).
+    (ann / "test-answers.csv").write_text("1420;Pushing something from left to right\n")
+    _place(root, ["1420.webm"], tiny["webm"])
+    test, _ = list_inputs(datasets.spec("ssv2", root, annotations=ann), "test")
+    assert [(i.source, i.label, i.problem) for i in test] == [
+        ("1420.webm", "Pushing something from left to right", None)
+    ]
+
+    # The original 20BN names (PySlowFast reads these), found in the folder or named explicitly.
+    bn = tmp_path / "20bn"
+    bn.mkdir()
+    for short, long in (("labels", "labels"), ("train", "train"), ("validation", "validation")):
+        (bn / f"something-something-v2-{long}.json").write_bytes((ann / f"{short}.json").read_bytes())
+    for given in (bn, bn / "something-something-v2-validation.json"):
+        inputs, classes = list_inputs(datasets.spec("ssv2", root, annotations=given), "validation")
+        assert classes == index["classes"] and {i.source for i in inputs} == {
+            "74225.webm",
+            "116154.webm",
+            "3.webm",
+            "5.webm",
+        }
 
 
 # --------------------------------------------------------------------------- one class list

@@ -9,8 +9,34 @@ from pathlib import Path
 from dclr_dist.shard.common import Input, PackError
 from dclr_dist.shard.datasets.common import Dataset, _require_file
 
-_SSV2_WHAT = "the folder holding labels.json, train.json and validation.json"
-_SSV2_FILES = {"train": "train.json", "val": "validation.json", "test": "test.json"}
+_SSV2_WHAT = "the folder holding labels.json, train.json and validation.json (or their 20BN names)"
+# Each file under the current package's name, then the original 20BN name (PySlowFast reads those).
+_SSV2_FILES = {
+    "labels": ("labels.json", "something-something-v2-labels.json"),
+    "train": ("train.json", "something-something-v2-train.json"),
+    "val": ("validation.json", "something-something-v2-validation.json"),
+    "test": ("test.json", "something-something-v2-test.json"),
+    "answers": ("test-answers.csv", "something-something-v2-test-answers.csv"),
+}
+
+
+def _find(ann: Path, role: str) -> Path:
+    """The annotation file of ``role`` in ``ann``, under either of its names (the first if neither)."""
+    names = _SSV2_FILES[role]
+    return next((ann / n for n in names if (ann / n).is_file()), ann / names[0])
+
+
+def _test_answers(path: Path) -> dict[str, str]:
+    """``id;class`` lines of the test split's answers (shipped with the current SSv2 package)."""
+    answers = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        video_id, sep, label = line.partition(";")
+        if not sep:
+            raise PackError(f"{path} line {n}: expected 'id;class', got {line[:80]!r}")
+        answers[video_id.strip()] = label.strip()
+    return answers
 
 
 def _load_json(path: Path, what: str):
@@ -30,7 +56,7 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
         ann = ann.parent
     if not ann.is_dir():
         raise PackError(f"{ds.annotations[0]}: no such folder; --annotations is {_SSV2_WHAT}")
-    labels_path = ann / "labels.json"
+    labels_path = _find(ann, "labels")
     labels = _load_json(labels_path, f"--annotations is {_SSV2_WHAT}")
     try:
         numbered = {int(v): k for k, v in labels.items()}
@@ -40,14 +66,19 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
         raise PackError(f"{labels_path}: the class indices must run 0..{len(labels) - 1}, each once")
     classes = [numbered[k] for k in range(len(numbered))]
     known = set(classes)
-    listing = ann / _SSV2_FILES[split]
+    listing = _find(ann, split)
     entries = _load_json(listing, f"--annotations is {_SSV2_WHAT}")
     if not isinstance(entries, list) or not entries:
         raise PackError(f'{listing}: expected a list of {{"id", "template", ...}} objects')
+    answers = None
     if not any(isinstance(e, dict) and e.get("template") for e in entries):
-        raise PackError(
-            f"{listing}: no templates, so no labels (the SSv2 test labels are not in it); pack train or val"
-        )
+        answers_path = _find(ann, "answers")
+        if not answers_path.is_file():
+            raise PackError(
+                f"{listing}: no templates, so no labels; the test split's are in {answers_path.name} (shipped "
+                "with the current SSv2 package): put it beside it, or pack train or val"
+            )
+        answers = _test_answers(answers_path)
     try:
         on_disk = set(os.listdir(root))
     except OSError as e:
@@ -58,8 +89,12 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
         entry = entry if isinstance(entry, dict) else {}
         video_id = str(entry.get("id") or "").strip()
         template = entry.get("template")
-        # The class is the template without its brackets: "Holding [something]" -> "Holding something".
-        label = template.replace("[", "").replace("]", "").strip() if isinstance(template, str) else ""
+        # The class is the template without its brackets: "Holding [something]" -> "Holding something";
+        # the test split's class is its answer, already without them.
+        if answers is not None:
+            label = answers.get(video_id, "")
+        else:
+            label = template.replace("[", "").replace("]", "").strip() if isinstance(template, str) else ""
         meta = {"id": video_id}
         if isinstance(template, str):
             meta["template"] = template
@@ -71,7 +106,7 @@ def _ssv2(root: Path, ds: Dataset, split: str) -> tuple[list[Input], list[str]]:
         if not video_id:
             problem, rel = f"bad entry: {where} has no id", f"<{where}>"
         elif not label:
-            problem = f"bad entry: {where} ({video_id}) has no template"
+            problem = f"bad entry: {where} ({video_id}) has no " + ("answer" if answers is not None else "template")
         elif label not in known:
             problem = f"unknown class: {label!r} ({where}, the template without brackets) is not in labels.json"
         elif rel not in on_disk:
