@@ -122,14 +122,19 @@ def _record(sample: dict, labelled: bool) -> dict:
     if not isinstance(record, dict):
         raise DamagedSample("the .json member is not a JSON object")
     frames, label = record.get("frames"), record.get("label")
-    if not (frames is None or isinstance(frames, int) and frames >= 1) or not (label is None or isinstance(label, int)):
-        raise DamagedSample("the .json record's 'frames' (>= 1) and 'label' are not integers")
-    if label is None and labelled:
-        raise DataError(
-            f"{sample['__key__']} in {sample['__url__']}: its record has no class label, and evaluation "
-            "needs one (shards of another tool, e.g. video2dataset?): pack the labelled videos with "
-            "`python -m dclr_dist.shard` (class folders or a manifest with a label column)"
-        )
+    if not (frames is None or isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1):
+        raise DamagedSample("the .json record's 'frames' is not an integer >= 1")
+    if not isinstance(label, int) or isinstance(label, bool):
+        # Other tools' records (video2dataset) may hold a caption or class name as 'label':
+        # pretraining needs no label; evaluation needs a class index.
+        if labelled:
+            what = "no class label" if label is None else f"a label that is not a class index ({label!r:.40})"
+            raise DataError(
+                f"{sample['__key__']} in {sample['__url__']}: its record has {what}, and evaluation needs "
+                "one (shards of another tool, e.g. video2dataset?): pack the labelled videos with "
+                "`python -m dclr_dist.shard` (class folders or a manifest with a label column)"
+            )
+        label = None
     return {**record, "frames": frames or _frame_count(sample["mp4"]), "label": -1 if label is None else label}
 
 

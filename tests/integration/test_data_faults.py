@@ -190,7 +190,8 @@ def decode_all(mp4: bytes) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_them(sample_videos, tmp_path):
+@pytest.mark.parametrize("label", [None, "cooking"])
+def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_them(sample_videos, tmp_path, label):
     # video2dataset's layout, as its webdataset writer orders members: <key>.json, <key>.mp4,
     # <key>.txt; the record has no label and no frame count; real videos nobody here encoded.
     videos = {
@@ -205,6 +206,7 @@ def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_th
             "status": "success",
             "error_message": None,
             "caption": "a clip",
+            **({} if label is None else {"label": label}),  # a class name or caption as text
         }
         members += [(f"{key}.json", json.dumps(record).encode()), (f"{key}.mp4", mp4), (f"{key}.txt", b"a clip")]
     shard = tmp_path / "00000.tar"
@@ -221,7 +223,8 @@ def test_video2dataset_shards_pretrain_without_labels_and_evaluation_asks_for_th
     out = to_device(batch, "cpu", cfg)
     assert all(torch.isfinite(out[name]).all() for name in VIEWS)
     for loader in (eval_loader(d, cfg), train_loader(d, cfg, labelled=True)):
-        with pytest.raises(DataError, match=r"00000.tar: its record has no class label, and evaluation needs one"):
+        what = "no class label" if label is None else "a label that is not a class index \\('cooking'\\)"
+        with pytest.raises(DataError, match=rf"00000.tar: its record has {what}, and evaluation needs one"):
             list(loader)
     # A record that says nothing and a container that cannot say either: a damaged sample.
     with pytest.raises(data.DamagedSample, match="undecodable video"):
