@@ -29,7 +29,10 @@ Formats:
 
 Both are state_dicts of tensors only: ``torch.load(path, weights_only=True)`` reads them.
 The backbone is the query encoder's, with batch-norm running statistics from RGB clips, so
-feed clips normalised as in pretraining (the checkpoint's ``config.views``).
+feed clips prepared as in pretraining. A sidecar JSON beside the weights (``FILE.json`` for
+``FILE.pt``) says how: clip length, temporal stride, crop size, the layout and value range,
+the per-channel mean and std, the arch and the checkpoint it came from, and the lines that
+load it for fine-tuning with a new classifier head.
 
 ``--checkpoint`` is what ``python -m dclr_dist.eval`` takes: a checkpoint folder
 (``backbone.pt`` + ``meta.json``), a run's ``best/`` or the run folder itself (its
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 
 import torch
@@ -146,12 +150,57 @@ def export(checkpoint: str, out: str, fmt: str = "torchvision") -> dict:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
     storage.write_bytes(out, buf.getvalue())
+    storage.write_bytes(sidecar(out), json.dumps(preprocessing(meta, folder, fmt, out), indent=2).encode())
     return {
         "folder": folder,
         "arch": arch,
         "format": fmt,
         "tensors": len(state),
         "missing": list(CLASSIFIER[arch]) if fmt == "torchvision" else [],
+    }
+
+
+def sidecar(out: str) -> str:
+    """Where the preprocessing record of the weights at ``out`` goes: FILE.json for FILE.pt."""
+    return (out[: -len(".pt")] if out.endswith(".pt") else out) + ".json"
+
+
+def preprocessing(meta: dict, folder: str, fmt: str, out: str) -> dict:
+    """What a user of the exported weights must do to their clips, and how to load them."""
+    from dclr_dist.config import config_from_dict
+
+    views = config_from_dict(meta["config"], where=f"{folder}/meta.json").views
+    arch, name = meta["model"]["arch"], out.rsplit("/", 1)[-1]
+    load = (
+        [
+            "import torch, torchvision",
+            f"net = torchvision.models.video.{arch}(num_classes=NUM_CLASSES)  # a new classifier head",
+            f'missing, unexpected = net.load_state_dict(torch.load("{name}", weights_only=True), strict=False)',
+            f"assert not unexpected and set(missing) == {set(CLASSIFIER[arch])}",
+        ]
+        if fmt == "torchvision"
+        else [
+            "import torch",
+            "from dclr_dist.model import backbone",
+            f'f, channels = backbone("{arch}", {meta["model"]["width"]})',
+            f'f.load_state_dict(torch.load("{name}", weights_only=True))',
+        ]
+    )
+    return {
+        "arch": arch,
+        "format": fmt,
+        "checkpoint": folder,
+        "epoch": meta.get("epoch"),
+        "input": {
+            "layout": "(batch, 3, frames, height, width), RGB",
+            "frames": views.frames,
+            "stride": views.stride,
+            "size": [views.size, views.size],
+            "value_range": "[0, 1] (uint8 / 255), then per channel (x - mean) / std",
+            "mean": views.mean,
+            "std": views.std,
+        },
+        "load": load,
     }
 
 
@@ -189,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     left_out = f", without {' and '.join(done['missing'])}" if done["missing"] else ""
     print(
         f"wrote {args.out}: {done['arch']} backbone of {done['folder']}, {done['format']} format, "
-        f"{done['tensors']} tensors{left_out}"
+        f"{done['tensors']} tensors{left_out}; preprocessing and loading: {sidecar(args.out)}"
     )
     return 0
 

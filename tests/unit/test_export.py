@@ -116,7 +116,7 @@ def test_to_torchvision_loads_and_gives_the_backbones_features(arch):
     _load_and_compare(state, arch, f)
 
 
-def test_cli_exports_a_run_for_torchvision(tmp_path):
+def test_cli_exports_a_run_for_torchvision(tmp_path, monkeypatch):
     arch = "mc3_18"
     f = _backbone(arch)
     run = tmp_path / "run"
@@ -140,8 +140,26 @@ def test_cli_exports_a_run_for_torchvision(tmp_path):
         timeout=300,
     )
     assert p.returncode == 0, p.stderr
-    assert "fc.weight and fc.bias" in p.stdout
+    assert "fc.weight and fc.bias" in p.stdout and "mc3_18_dclr.json" in p.stdout
     _load_and_compare(torch.load(out, weights_only=True), arch, f)
+
+    # The sidecar: the clips the weights expect, and loading lines that run as written.
+    side = json.loads((out.parent / "mc3_18_dclr.json").read_text())
+    views = Config().views
+    assert side["arch"] == arch and side["checkpoint"].endswith("best")
+    assert side["input"] == {
+        "layout": "(batch, 3, frames, height, width), RGB",
+        "frames": views.frames,
+        "stride": views.stride,
+        "size": [views.size, views.size],
+        "value_range": "[0, 1] (uint8 / 255), then per channel (x - mean) / std",
+        "mean": views.mean,
+        "std": views.std,
+    }
+    scope = {"NUM_CLASSES": 7}
+    monkeypatch.chdir(out.parent)
+    exec("\n".join(side["load"]), scope)
+    assert scope["net"].fc.out_features == 7
 
 
 def test_plain_format_is_backbone_pt(tmp_path, capsys):
