@@ -1,6 +1,12 @@
 """Everything that touches Ray on the driver side: joining a cluster, what the workers'
-environment carries, and the one TorchTrainer factory that pretraining, fine-tuning and
-sweeps start their workers with.
+environment carries, the one TorchTrainer factory that pretraining, fine-tuning and
+sweeps start their workers with, and the console a run shows.
+
+The console: the workers' own output (Ray's, DeepSpeed's, each rank's) stays in Ray's logs,
+and the driver shows what rank 0 sends it (:class:`Console`): one progress bar per epoch
+with rate and ETA on a terminal, one summary line per epoch, checkpoints and errors.
+``DCLR_VERBOSE=1`` (``--verbose``) or Ray's own ``RAY_LOG_TO_DRIVER=1`` brings the workers'
+output back.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     env = forwarded_env()
+    quiet = {"log_to_driver": verbose()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
+        ray.init(runtime_env={"env_vars": env}, **quiet)
         return
     # Ray Train's placement-group cleaner finds its cluster through the state API, whose
     # auto-discovery fails when several Ray clusters share the machine (tests, sweeps next
@@ -52,7 +59,90 @@ def connect_ray() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
+    ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": env},
+        **quiet,
+    )
+
+
+def verbose() -> bool:
+    """Whether the workers' output reaches this console (module docstring)."""
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("DCLR_VERBOSE", "RAY_LOG_TO_DRIVER"))
+
+
+class Console:
+    """The driver's view of a run: rank 0 sends progress and lines to a small actor, a thread
+    here draws them (module docstring). ``handle`` goes to the workers; None outside Ray."""
+
+    def __init__(self):
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Board:
+            def __init__(self):
+                self.state, self.lines = None, []
+
+            def update(self, state: dict) -> None:
+                self.state = state
+
+            def line(self, text: str) -> None:
+                self.lines.append(text)
+
+            def poll(self):
+                lines, self.lines = self.lines, []
+                return self.state, lines
+
+        self.handle = Board.remote()
+        self._bar = self._epoch = None
+        self._stop = None
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        self._show()  # what arrived last
+        if self._bar is not None:
+            self._bar.close()
+
+    def _draw(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self._show()
+            except Exception:  # the run's own errors are what the user must see, not the console's
+                return
+
+    def _show(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        state, lines = ray.get(self.handle.poll.remote(), timeout=10)
+        if state is not None and state["epoch"] != self._epoch:
+            if self._bar is not None:
+                self._bar.close()
+            self._epoch = state["epoch"]
+            self._bar = tqdm(
+                total=state["batches"],
+                desc=f"epoch {state['epoch']}/{state['epochs']}",
+                unit="batch",
+                leave=False,
+                disable=None,
+            )
+        if state is not None and self._bar is not None:
+            self._bar.n = state["batch"]
+            self._bar.set_postfix(state.get("postfix", {}), refresh=False)
+            self._bar.refresh()
+        for line in lines:
+            (tqdm.write if self._bar is not None else print)(line)
 
 
 def make_paths_absolute(cfg: Config) -> None:

@@ -13,10 +13,12 @@ checkpoint or report (``dclr_dist.checkpoint``, ``dclr_dist.metrics``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,9 @@ class Rank:
     engine: Any
     criterion: Any
     log: MetricsLog | None = None
+    # The driver's console (launch.Console's actor), rank 0 only; None: lines are printed here.
+    console: Any = None
+    postfix: dict = field(default_factory=dict)  # the progress bar's figures from the last step log
 
 
 def train_loop(loop_config: dict) -> None:
@@ -80,9 +85,10 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report(finished)
         return
     r.log = MetricsLog(r.run_url) if r.rank == 0 else None
+    r.console = loop_config.get("console") if r.rank == 0 else None
     if r.log is not None and start_epoch:
         r.log.write("resume", start_epoch, {"epoch": start_epoch})
-        print(f"resumed {r.run_url} after epoch {start_epoch}", flush=True)
+        say(r, f"resumed {r.run_url} after epoch {start_epoch}")
     nodes, step, last_checkpoint = count_nodes(), start_epoch * steps_per_epoch, time.monotonic()
     # One loader for the run: its workers stream on across epoch boundaries (no fork, no refill).
     epochs = cfg.train.epochs - start_epoch
@@ -121,6 +127,8 @@ def end_epoch(r: Rank, epoch: int, metrics: dict, best: dict, checkpoint_due: bo
     cfg, last = r.cfg, epoch + 1 == r.cfg.train.epochs
     if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
         metrics["knn_acc"] = monitor(r, epoch)
+    if r.rank == 0:
+        say(r, epoch_line(cfg, epoch, metrics))
     value, ranking = metrics.get(best["metric"]), best["metric"]
     if value is not None and (
         best["value"] is None or (value > best["value"] if ranking == "knn_acc" else value < best["value"])
@@ -134,6 +142,8 @@ def end_epoch(r: Rank, epoch: int, metrics: dict, best: dict, checkpoint_due: bo
     every = cfg.checkpoint.every
     if last or (every and (epoch + 1) % every == 0) or checkpoint_due:
         report_with_checkpoint(r.engine, r.criterion, cfg, epoch, best, r.world, r.rank, r.run_url, metrics)
+        if r.rank == 0:
+            say(r, f"epoch {epoch + 1}: checkpoint written (uploaded in the background) under {r.run_url}")
         return True
     # In the background too: reports are delivered in order, so a synchronous one would wait for
     # the previous checkpoint's upload.
@@ -174,7 +184,12 @@ def run_epoch(r: Rank, it, batches: int, epoch: int, step: int, meter: EpochMete
     engine, criterion = r.engine, r.criterion
     engine.train()
     criterion.train()
-    for _ in range(batches):
+    shown = 0.0
+    for i in range(batches):
+        if r.console is not None and time.monotonic() - shown >= 0.5:  # at most twice a second
+            shown = time.monotonic()
+            state = {"epoch": epoch + 1, "epochs": r.cfg.train.epochs, "batch": i, "batches": batches}
+            r.console.update.remote({**state, "postfix": r.postfix})
         t0 = time.perf_counter()
         batch = next(it)
         meter.batch(batch, time.perf_counter() - t0)
@@ -189,6 +204,9 @@ def run_epoch(r: Rank, it, batches: int, epoch: int, step: int, meter: EpochMete
         meter.losses(losses)
         if boundary and step % r.cfg.train.log_every == 0:
             log_step(r, losses, meter.window(), epoch, step)
+    if r.console is not None:
+        state = {"epoch": epoch + 1, "epochs": r.cfg.train.epochs, "batch": batches, "batches": batches}
+        r.console.update.remote({**state, "postfix": r.postfix})
     return step
 
 
@@ -200,25 +218,45 @@ def log_step(r: Rank, losses: dict, local: dict, epoch: int, step: int) -> None:
         return
     values = {**terms, **local, **rate, "lr": r.engine.get_lr()[0], "epoch": epoch, "memory_mb": memory_mb(r.device)}
     r.log.write("step", step, values)
-    print(
-        f"epoch {epoch + 1}/{r.cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
-        f"(vv {terms['vv']:.3f} v_s {terms['v_s']:.3f} v_d {terms['v_d']:.3f} "
-        f"align {terms['align']:.4f}) lr {values['lr']:.2e} "
-        f"{rate['samples_per_s']:.1f} samples/s data-wait {local['data_wait']:.0%}",
-        flush=True,
-    )
+    r.postfix = {
+        "loss": f"{terms['loss']:.3f}",
+        "samples/s": f"{rate['samples_per_s']:.1f}",
+        "data wait": f"{local['data_wait']:.0%}",
+    }
+    if r.console is None:  # no driver console: the step line, as a log
+        print(
+            f"epoch {epoch + 1}/{r.cfg.train.epochs} step {step} loss {terms['loss']:.4f} "
+            f"(vv {terms['vv']:.3f} v_s {terms['v_s']:.3f} v_d {terms['v_d']:.3f} "
+            f"align {terms['align']:.4f}) lr {values['lr']:.2e} "
+            f"{rate['samples_per_s']:.1f} samples/s data-wait {local['data_wait']:.0%}",
+            flush=True,
+        )
 
 
 def monitor(r: Rank, epoch: int) -> float:
     """The query backbone's leave-one-out k-NN accuracy on data.eval, over every rank."""
     from dclr_dist.evaluation.probes import knn_monitor
 
-    acc = knn_monitor(r.engine.module.encoder_q.f, r.cfg, r.device, r.rank, r.world)
-    if r.rank == 0:
-        print(
-            f"epoch {epoch + 1}/{r.cfg.train.epochs} k-NN accuracy {acc:.1%} on data.eval (leave-one-out)", flush=True
-        )
-    return acc
+    return knn_monitor(r.engine.module.encoder_q.f, r.cfg, r.device, r.rank, r.world)
+
+
+def say(r: Rank, text: str) -> None:
+    """A line for the person running this: on the driver's console, or printed here without one."""
+    if r.console is not None:
+        r.console.line.remote(text)
+    else:
+        print(text, flush=True)
+
+
+def epoch_line(cfg: Config, epoch: int, m: dict) -> str:
+    """One epoch in one line: loss and its terms, throughput, data wait, damage, the k-NN monitor."""
+    terms = " ".join(f"{k} {m[k]:.3f}" for k in ("vv", "v_s", "v_d", "align") if k in m)
+    knn = f", k-NN {m['knn_acc']:.1%} on data.eval" if "knn_acc" in m else ""
+    damage = f", {m['skipped_samples']} damaged samples skipped" if m.get("skipped_samples") else ""
+    return (
+        f"epoch {epoch + 1}/{cfg.train.epochs}: loss {m['loss']:.4f} ({terms}), {m['samples_per_s']:.1f} samples/s, "
+        f"data wait {m['data_wait']:.0%}{damage}{knn}"
+    )
 
 
 # --------------------------------------------------------------------------- driver side
@@ -243,7 +281,8 @@ def check_data(cfg: Config) -> None:
 def fit(cfg: Config, callbacks: list | None = None):
     """Start (or resume) the run on the Ray cluster in RAY_ADDRESS, or a local one.
 
-    ``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep runs this.
+    ``callbacks``: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep runs this
+    (Tune then has the console; otherwise :class:`launch.Console` shows the run's progress).
     Raises launch.TrainingFailed when the restarts of cluster.max_failures are spent.
     """
     launch.make_paths_absolute(cfg)
@@ -252,16 +291,19 @@ def fit(cfg: Config, callbacks: list | None = None):
     epoch = latest(run_url, cfg.cluster.workers, cfg.engine.zero_stage)
     if epoch is not None:
         print(f"resuming {run_url} from epoch {epoch}", flush=True)
+    launch.connect_ray()
+    console = None if callbacks else launch.Console()
     trainer = launch.torch_trainer(
         train_loop,
-        {"config": cfg.to_dict(), "run_url": run_url},
+        {"config": cfg.to_dict(), "run_url": run_url, "console": console and console.handle},
         cfg,
         cfg.train.name,
         callbacks=[*(callbacks or []), latest_json_callback(run_url)],
         keep_checkpoints=cfg.checkpoint.keep,
         max_failures=cfg.cluster.max_failures,
     )
-    return launch.run(trainer)
+    with console or contextlib.nullcontext():
+        return launch.run(trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,12 +324,20 @@ def main(argv: list[str] | None = None) -> int:
         help="config file, or the name of a shipped recipe: demo, ucf101_r2plus1d, k400_r2plus1d",
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the workers' own output (Ray's, DeepSpeed's, every rank's) as well; "
+        "DCLR_VERBOSE=1 or RAY_LOG_TO_DRIVER=1 do the same",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="config overrides, e.g. cluster.workers=8 loss.tau=0.1 data.batch_size=16",
     )
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["DCLR_VERBOSE"] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -306,7 +356,8 @@ def train(cfg: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except launch.TrainingFailed as e:
-        print(f"error: training failed: {e}", file=sys.stderr)
+        more = "" if launch.verbose() else " (--verbose shows the workers' output)"
+        print(f"error: training failed: {e}{more}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     print(

@@ -331,6 +331,14 @@ def test_ray_job_submit_trains_across_two_nodes_and_resubmitting_resumes(local_c
 
     logs = submit("dclr-first", epochs=2)
     assert "done: 2 epochs" in logs
+    # The console: one summary line per epoch from rank 0, through the driver; the workers'
+    # own output (Ray's result dictionaries, DeepSpeed's warnings, deprecations) stays in Ray's logs.
+    assert [line.split(":")[0] for line in logs.splitlines() if line.startswith("epoch ") and ": loss " in line] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ], logs[-4000:]
+    for noise in ("Reporting training result", "FutureWarning", "Setting accelerator to CPU", "(RayTrainWorker"):
+        assert noise not in logs, noise
     run = runs / "submitted"
     latest = json.loads((run / "latest.json").read_text())
     assert (latest["epoch"], latest["world_size"]) == (2, 2)
