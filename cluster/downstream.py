@@ -13,7 +13,8 @@ test video's 10 clips averaged), and the three-split mean that papers report.
     python cluster/downstream.py summary --out s3://my-bucket/downstream/results
 
 `pack` runs `python -m dclr_dist.shard --dataset ... --fold N` for the train and test split
-of every fold into SHARDS/<dataset>-<fold>-<split>; `eval` runs `python -m dclr_dist.eval`
+of every fold into SHARDS/<dataset>-<fold>-<split>, each video transcoded once: the folds
+after the first reuse the first fold's encodings (``--reuse``); `eval` runs `python -m dclr_dist.eval`
 with dclr_dist/configs/downstream/r2plus1d_18.yaml on each fold, keeps its report in
 OUT/<dataset>-<fold>/ and prints the table; `all` packs and evaluates. Re-running is safe:
 the packer keeps a finished packing, and a fold whose report exists is not evaluated again
@@ -52,7 +53,10 @@ def pack_commands(args) -> list[list[str]]:
     for dataset in args.datasets:
         source = getattr(args, dataset)
         annotations = getattr(args, f"{dataset}_annotations")
+        first = args.folds[0]
         for fold in args.folds:
+            # The first fold's two packings hold every video: later folds copy its encodings.
+            reuse = [] if fold == first else [shards_url(args.shards, dataset, first, s) for s in ("train", "test")]
             for split in ("train", "test"):
                 commands.append(
                     [
@@ -74,6 +78,7 @@ def pack_commands(args) -> list[list[str]]:
                         str(args.max_samples),
                         "--no-progress",
                         *(["--workers", str(args.workers)] if args.workers else []),
+                        *(["--reuse", *reuse] if reuse else []),
                     ]
                 )
     return commands

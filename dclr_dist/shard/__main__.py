@@ -146,6 +146,14 @@ def _pack_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing packing in OUT")
     g.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="PACKED",
+        help="finished packings (folders or s3://) whose encodings of the same source files (by sha256) are "
+        "copied instead of transcoded again, e.g. the first fold's train and test when packing the others",
+    )
+    g.add_argument(
         "--verify",
         action="store_true",
         help="when OUT holds this packing finished, check every shard's sha256 against index.json "
@@ -202,6 +210,7 @@ def _pack(argv: list[str]) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             verify=args.verify,
+            reuse=tuple(args.reuse),
         )
     except (PackError, OSError) as e:  # StorageError is an OSError; each message names the thing and the fix
         print(f"error: {e}", file=sys.stderr)
@@ -233,6 +242,8 @@ def _report_pack(result, output: str) -> int:
         line += " (already complete: nothing to do)"
     elif result.resumed_shards:
         line += f"; kept {result.resumed_shards} shards from an earlier run"
+    if result.reused:
+        line += f"; {result.reused} encodings copied from --reuse"
     print(line)
     if result.redone:
         print(result.redone)

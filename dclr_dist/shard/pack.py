@@ -58,6 +58,7 @@ from dclr_dist.shard.resume import (
     _recorded_fingerprints,
     _verify_finished,
 )
+from dclr_dist.shard.reuse import ReusePool
 from dclr_dist.shard.transcode import Encoded, Rejected
 from dclr_dist.shard.workers import _LocalPool, _ordered, _RayPool
 from dclr_dist.shard.writer import _ShardWriter
@@ -71,6 +72,7 @@ class PackResult:
     resumed_shards: int  # shards kept from an interrupted earlier run
     already_complete: bool = False  # OUT held this exact packing: nothing was done
     redone: str | None = None  # the kept shard found damaged, from which the rest was redone, and why
+    reused: int = 0  # encodings copied from --reuse packings instead of transcoded
 
 
 def pack(
@@ -84,9 +86,12 @@ def pack(
     overwrite: bool = False,
     progress: bool = True,
     verify: bool = False,
+    reuse: tuple[str, ...] = (),
 ) -> PackResult:
     """Pack ``input_url`` into shards under ``output``; see the module docstring. ``verify``: a
-    finished packing is checked by every shard's sha256, not by sizes only."""
+    finished packing is checked by every shard's sha256, not by sizes only. ``reuse``: finished
+    packings whose encodings of the same source bytes are copied, not made again (the output is
+    the same byte for byte; ``dclr_dist.shard.reuse``)."""
     inputs, classes = list_inputs(input_url, split)
     if cfg.shuffle:
         # Listings are class-sorted: shards in that order give class-correlated batches and a
@@ -101,21 +106,18 @@ def pack(
         as_typed = _fingerprint(input_url, split, cfg, inputs, classes)
         if as_typed in _recorded_fingerprints(output):
             fingerprint = as_typed
+
+    def make_pool():
+        pool = _RayPool(cfg) if use_ray else _LocalPool(workers, cfg)
+        try:
+            return ReusePool(pool, list(reuse), _encoding(cfg)) if reuse else pool
+        except BaseException:
+            pool.close()
+            raise
+
     with _exclusive(output) as tmp_dir:
         return _locked(
-            input_url,
-            output,
-            cfg,
-            split,
-            classes,
-            inputs,
-            fingerprint,
-            tmp_dir,
-            workers,
-            use_ray,
-            progress,
-            overwrite,
-            verify,
+            input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, make_pool, progress, overwrite, verify
         )
 
 
@@ -128,13 +130,12 @@ def _locked(
     inputs: list[Input],
     fingerprint: str,
     tmp_dir: str,
-    workers: int,
-    use_ray: bool,
+    make_pool,
     progress: bool,
     overwrite: bool,
     verify: bool,
 ) -> PackResult:
-    """What ``pack`` does once it holds the output alone."""
+    """What ``pack`` does once it holds the output alone; ``make_pool()`` gives the transcoding pool."""
     index_url = storage.join(output, "index.json")
     if overwrite:
         _clear(output, cfg.prefix)
@@ -148,7 +149,7 @@ def _locked(
             "Choose another --output, or pass --overwrite to replace it."
         )
     try:
-        return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, workers, use_ray, progress)
+        return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, make_pool, progress)
     except OSError as e:
         if isinstance(e, storage.StorageError) or e.errno is None:
             raise
@@ -230,8 +231,7 @@ def _run(
     inputs: list[Input],
     fingerprint: str,
     tmp_dir: str,
-    workers: int,
-    use_ray: bool,
+    make_pool,
     progress: bool,
 ) -> PackResult:
     states, redone = _load_states(output, cfg.prefix, fingerprint, inputs)
@@ -247,7 +247,7 @@ def _run(
     done = states[-1]["next_input"] if states else 0
     bar = _progress(len(inputs), done, progress)
     start = time.monotonic()
-    pool = _RayPool(cfg) if use_ray else _LocalPool(workers, cfg)
+    pool = make_pool()
     pending_rejects, pending_ids = _write_shards(
         output, cfg, classes, inputs, done, fingerprint, tmp_dir, states, pool, bar
     )
@@ -255,7 +255,7 @@ def _run(
         output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids, len(inputs)
     )
     index["elapsed_s"] = round(time.monotonic() - start, 3)
-    return PackResult(index, resumed_shards=resumed, redone=redone)
+    return PackResult(index, resumed_shards=resumed, redone=redone, reused=getattr(pool, "reused", 0))
 
 
 def _write_shards(

@@ -527,6 +527,10 @@ def test_downstream_dry_run_packs_every_fold_and_evaluates_it_with_the_downstrea
     assert [(a.dataset, a.fold, a.split) for a in packs] == [
         (d, f, s) for d in ("ucf101", "hmdb51") for f in (1, 2, 3) for s in ("train", "test")
     ]
+    # Each video transcoded once: folds 2 and 3 copy fold 1's encodings.
+    for a in packs:
+        first = [str(shards / f"{a.dataset}-1-{s}") for s in ("train", "test")]
+        assert a.reuse == ([] if a.fold == 1 else first)
     assert len(evals) == 6
     for a in packs:
         # Each fold's split lists are found in the official layout, without --annotations.

@@ -544,3 +544,20 @@ def test_the_same_packing_under_two_hash_seeds_is_byte_identical(tmp_path, sampl
         )
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outs[0] == outs[1] and json.loads(outs[0]["index.json"])["classes"] == ["01", "1"]
+
+
+def test_reuse_copies_the_encodings_of_another_packing_and_gives_the_same_bytes(class_folders, tmp_path):
+    """Folds of one dataset: what the first packed is copied (by the source's sha256), not transcoded."""
+    first = pack(str(class_folders), str(tmp_path / "first"), CFG, progress=False)
+    again = pack(str(class_folders), str(tmp_path / "again"), CFG, progress=False, reuse=(str(tmp_path / "first"),))
+    assert again.reused == first.index["samples"] > 0
+    files = lambda out: {p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir())}
+    assert files("again") == files("first")
+    with pytest.raises(PackError, match=r"--reuse .*first: packed with other encoding options \(crf\)"):
+        pack(
+            str(class_folders),
+            str(tmp_path / "other"),
+            dataclasses.replace(CFG, crf=30),
+            progress=False,
+            reuse=(str(tmp_path / "first"),),
+        )
