@@ -25,6 +25,9 @@ updated only by the RGB segments, so evaluation normalises RGB clips as training
 static and dynamic segments use batch statistics only. The buffers are BatchNorm3d's own,
 so the backbone's state_dict loads into a plain network.
 
+One pass (``ViewBatchNorm._segmented``): per-video means and variances in one reduction,
+combined per segment, and one broadcast scale and shift; no per-segment kernels, no cat.
+
 Synchronised statistics (``model.bn_sync``): with a process group set, each segment's
 statistics are summed over the group's workers with one all-reduce per BN layer per pass
 (and one in backward), with no host synchronisation: sizes are known from shapes.
@@ -35,7 +38,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,50 +57,64 @@ class ViewBatchNorm(nn.BatchNorm3d):
         self.group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or (self.segments is None and self.group is None):
             return super().forward(x)
-        sizes = self.segments or [x.shape[0]]
-        if self.group is not None:
-            return self._synced(x, sizes)
-        out = [
-            F.batch_norm(part, *self._running(i), self.weight, self.bias, True, self.momentum, self.eps)
-            for i, part in enumerate(x.split(sizes))
-        ]
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return self._segmented(x, self.segments or [x.shape[0]])
 
-    def _running(self, segment: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The running statistics segment i updates: RGB segments only."""
-        return (self.running_mean, self.running_var) if segment < self.rgb else (None, None)
-
-    def _synced(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _segmented(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Each segment normalised by its own statistics in one pass: per-video means and
+        variances (one reduction over x), combined per segment, summed over ``group`` if set,
+        then one scale and shift broadcast over the whole batch. No split, no cat: per segment,
+        F.batch_norm and a cat would read and write the activations twice more."""
         import torch.distributed as dist
 
-        # Functional collectives: differentiable, traceable by torch.compile (the older
-        # torch.distributed.nn.functional.all_reduce is deprecated and refuses compile).
-        from torch.distributed._functional_collectives import all_reduce
-
         wide = torch.promote_types(x.dtype, torch.float32)
-        parts = x.split(sizes)
-        dims = (0, 2, 3, 4)
-        # (S, 2, C): each segment's sum and sum of squares over videos and positions, all
-        # segments in one collective (differentiable: backward all-reduces the gradient).
-        moments = torch.stack([torch.stack([p.to(wide).sum(dims), p.to(wide).square().sum(dims)]) for p in parts])
-        moments = all_reduce(moments, "sum", self.group)
-        positions = x[0, 0].numel() * dist.get_world_size(self.group)
-        out = []
-        for i, p in enumerate(parts):
-            n = sizes[i] * positions  # a Python number: no device-to-host read
-            mean = moments[i, 0] / n
-            var = (moments[i, 1] / n - mean.square()).clamp_min(0)
-            scale = torch.rsqrt(var + self.eps) * self.weight.to(wide)  # (C,)
-            shift = self.bias.to(wide) - mean * scale
-            if i < self.rgb:
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
-                    self.num_batches_tracked.add_(1)
-            out.append(p * scale.view(-1, 1, 1, 1).to(p.dtype) + shift.view(-1, 1, 1, 1).to(p.dtype))
-        return torch.cat(out)
+        seg, n_seg = self._layout(sizes, x.device, wide)  # (N,) segment of each video, (S, 1) videos per segment
+        var_v, mean_v = torch.var_mean(x.to(wide), dim=(2, 3, 4), correction=0)  # (N, C) each
+        # Per segment: the sum of the videos' means and of their second moments (positions per
+        # video are equal, so the segment's moments are the averages of its videos').
+        moments = torch.zeros(2, len(sizes), x.shape[1], dtype=wide, device=x.device)
+        moments[0].index_add_(0, seg, mean_v)
+        moments[1].index_add_(0, seg, var_v + mean_v.square())
+        videos = n_seg
+        if self.group is not None:
+            # Functional collectives: differentiable, traceable by torch.compile (the older
+            # torch.distributed.nn.functional.all_reduce is deprecated and refuses compile).
+            from torch.distributed._functional_collectives import all_reduce
+
+            moments = all_reduce(moments, "sum", self.group)
+            videos = n_seg * dist.get_world_size(self.group)
+        mean = moments[0] / videos  # (S, C)
+        var = (moments[1] / videos - mean.square()).clamp_min(0)
+        scale = torch.rsqrt(var + self.eps) * self.weight.to(wide)  # (S, C)
+        shift = self.bias.to(wide) - mean * scale
+        if self.rgb:
+            n = x[0, 0].numel() * videos[: self.rgb]  # values per RGB segment, (rgb, 1)
+            self._update_running(mean[: self.rgb].detach(), (var[: self.rgb] * n / (n - 1).clamp_min(1)).detach())
+        shape = (-1, x.shape[1], 1, 1, 1)
+        return torch.addcmul(shift[seg].view(shape).to(x.dtype), x, scale[seg].view(shape).to(x.dtype))
+
+    @torch.no_grad()
+    def _update_running(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        """The running statistics as F.batch_norm on each RGB segment in turn would leave them."""
+        for mean, var in zip(means, variances):
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        self.num_batches_tracked.add_(1)  # one batch, as BatchNorm3d counts
+
+    @staticmethod
+    def _layout(sizes: list[int], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment index per video and videos per segment, built once per layout and device (a
+        tensor made from Python numbers on a GPU is a blocking copy)."""
+        key = (tuple(sizes), device, dtype)
+        if key not in _LAYOUTS:
+            seg = torch.tensor([i for i, n in enumerate(sizes) for _ in range(n)])
+            _LAYOUTS[key] = (seg.to(device), torch.tensor(sizes, dtype=dtype).view(-1, 1).to(device))
+        return _LAYOUTS[key]
+
+
+# (segment sizes, device, dtype) -> ViewBatchNorm._layout's tensors; shared by every layer.
+_LAYOUTS: dict = {}
 
 
 def convert(module: nn.Module) -> nn.Module:
