@@ -76,6 +76,10 @@ class OverlappedAllReduce:
     once its last gradient is accumulated, and all of them awaited and averaged when
     backward ends, before engine.step(); at accumulation boundaries only, as DeepSpeed.
     Nothing waits on the host: on NCCL, wait() orders the streams.
+
+    Buckets go out in bucket order on every rank (a bucket complete before an earlier one
+    waits for it): collectives issued in a rank-dependent order would hang NCCL. A backward
+    that raised leaves half-counted buckets: the next engine.backward starts afresh.
     """
 
     def __init__(self, engine, bucket: int):
@@ -92,12 +96,24 @@ class OverlappedAllReduce:
             self.buckets[-1].append(p)
             size += p.numel()
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
-        self.waiting = [len(b) for b in self.buckets]  # gradients each bucket still waits for
-        self.in_flight: list[tuple[int, torch.Tensor, object]] = []
-        self.in_backward = False
+        self._reset()
         for p in params:
             p.register_post_accumulate_grad_hook(self._accumulated)
         engine.enable_backward_allreduce = False
+        backward = engine.backward
+
+        def fresh_backward(*args, **kwargs):
+            if self.in_backward:  # the previous backward raised before its end
+                self._reset()
+            return backward(*args, **kwargs)
+
+        engine.backward = fresh_backward
+
+    def _reset(self) -> None:
+        self.waiting = [len(b) for b in self.buckets]  # gradients each bucket still waits for
+        self.next = 0  # the next bucket to go out
+        self.in_flight: list[tuple[int, torch.Tensor, object]] = []
+        self.in_backward = False
 
     def _accumulated(self, p: torch.nn.Parameter) -> None:
         if not self.engine.is_gradient_accumulation_boundary():
@@ -105,10 +121,9 @@ class OverlappedAllReduce:
         if not self.in_backward:
             self.in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
-        i = self.bucket_of[p]
-        self.waiting[i] -= 1
-        if not self.waiting[i]:
-            self._launch(i)
+        self.waiting[self.bucket_of[p]] -= 1
+        while self.next < len(self.buckets) and not self.waiting[self.next]:
+            self._launch(self.next)
 
     def _launch(self, i: int) -> None:
         for p in self.buckets[i]:
@@ -116,20 +131,18 @@ class OverlappedAllReduce:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[i]])
         self.in_flight.append((i, flat, self.dist.all_reduce(flat, async_op=True)))
-        self.waiting[i] = 0
+        self.waiting[i], self.next = 0, i + 1
 
     def _finish(self) -> None:
-        for i, left in enumerate(self.waiting):
-            if left:
-                self._launch(i)
+        while self.next < len(self.buckets):  # those still waiting for a gradient that never came
+            self._launch(self.next)
         world = self.dist.get_world_size()
         for i, flat, work in self.in_flight:
             work.wait()
             flat /= world
             for p, g in zip(self.buckets[i], flat.split([p.numel() for p in self.buckets[i]])):
                 p.grad.copy_(g.view_as(p))
-        self.in_flight, self.in_backward = [], False
-        self.waiting = [len(b) for b in self.buckets]
+        self._reset()
 
 
 def build_method(cfg: Config, device: torch.device):

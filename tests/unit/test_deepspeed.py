@@ -285,3 +285,43 @@ def test_the_trainer_s_step_has_no_host_sync_and_deepspeed_s_timer_would_add_the
         assert counts["by_kind"].get("synchronize", 0) == 2, counts
     else:
         assert counts["total"] == 0, counts
+
+
+def test_stage_0_buckets_go_out_in_bucket_order_and_a_failed_backward_leaves_no_trace(process_group, monkeypatch):
+    """Every rank issues the bucket all-reduces in one order (NCCL hangs otherwise), and a
+    backward that raised half-way does not leave half-counted buckets for the next one."""
+    import torch.distributed as dist
+
+    import dclr_dist.engine
+
+    monkeypatch.setattr(dclr_dist.engine, "BUCKET_ELEMENTS", 20_000)
+    engine, criterion = build(_tiny(), world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
+    sizes = []
+    reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **kw: sizes.append(t.numel()) or reduce(t, *a, **kw))
+    batch = {name: torch.randn(4, 3, 4, 32, 32) for name in VIEWS}
+    params = [p for p in engine.module.parameters() if p.requires_grad][::-1]
+    middle = params[len(params) // 2]
+    fail = {"once": True}
+
+    def boom(p):
+        if fail.pop("once", False):
+            raise RuntimeError("a fault half-way through backward")
+
+    middle.register_post_accumulate_grad_hook(boom)
+    with pytest.raises(RuntimeError, match="half-way"):
+        engine.backward(criterion(engine(batch))["loss"])
+    engine.zero_grad()
+    sizes.clear()
+    engine.backward(criterion(engine(batch))["loss"])
+    trainable = sum(p.numel() for p in params)
+    assert sum(sizes) == trainable and len(sizes) > 2  # each gradient reduced once, none stale
+    # in the buckets' own order: reverse parameter order, about 20k elements each
+    expected, size = [], 0
+    for p in params:
+        if size >= 20_000:
+            expected.append(size)
+            size = 0
+        size += p.numel()
+    assert sizes == [*expected, size]
+    engine.step()
