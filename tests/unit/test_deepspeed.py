@@ -108,13 +108,24 @@ def test_speed_switches_apply_and_leave_the_state_dict_keys(process_group):
     assert list(model.state_dict()) == keys and list(engine.module_state_dict()) == keys
 
 
-def test_stage_0_reduces_each_bucket_while_backward_runs(process_group, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stage_0_reduces_each_bucket_while_backward_runs(process_group, monkeypatch, compiled):
+    """In eager mode and under engine.compile (stage by stage, so each stage's gradients exist
+    when its compiled backward ends; one graph per backbone gave them all at its end)."""
     import torch.distributed as dist
 
     import dclr_dist.engine
+    from dclr_dist.model import DCLR
 
     monkeypatch.setattr(dclr_dist.engine, "BUCKET_ELEMENTS", 20_000)  # several buckets on the tiny model
-    engine, criterion = build(_tiny("train.grad_accum=2"), world_size=1, steps_per_epoch=4, device=torch.device("cpu"))
+    compile_backbones = DCLR.compile_backbones
+    monkeypatch.setattr(DCLR, "compile_backbones", lambda m: compile_backbones(m, backend="aot_eager"))  # CPU
+    engine, criterion = build(
+        _tiny("train.grad_accum=2", f"engine.compile={str(compiled).lower()}"),
+        world_size=1,
+        steps_per_epoch=4,
+        device=torch.device("cpu"),
+    )
     events = []
     reduce = dist.all_reduce
     monkeypatch.setattr(
