@@ -4,6 +4,7 @@ tar files built byte by byte, a temporary environment, the tiny training config.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import tarfile
@@ -111,3 +112,12 @@ def tar_members(path: Path) -> list[tuple[str, bytes]]:
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     path.write_bytes(tar_bytes(members))
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -116,51 +116,31 @@ def pack(
             raise
 
     with _exclusive(output) as tmp_dir:
-        return _locked(
-            input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, make_pool, progress, overwrite, verify
-        )
-
-
-def _locked(
-    input_url: str,
-    output: str,
-    cfg: ShardConfig,
-    split: str | None,
-    classes: list[str],
-    inputs: list[Input],
-    fingerprint: str,
-    tmp_dir: str,
-    make_pool,
-    progress: bool,
-    overwrite: bool,
-    verify: bool,
-) -> PackResult:
-    """What ``pack`` does once it holds the output alone; ``make_pool()`` gives the transcoding pool."""
-    index_url = storage.join(output, "index.json")
-    if overwrite:
-        _clear(output, cfg.prefix)
-    elif storage.exists(index_url):
-        existing = _read_json(index_url)
-        if existing.get("fingerprint") == fingerprint:
-            _verify_finished(output, existing, inputs, verify)
-            return PackResult(existing, resumed_shards=len(existing["shards"]), already_complete=True)
-        raise PackError(
-            f"{output} already holds a packing of other inputs or options (index.json). "
-            "Choose another --output, or pass --overwrite to replace it."
-        )
-    try:
-        return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, make_pool, progress)
-    except OSError as e:
-        if isinstance(e, storage.StorageError) or e.errno is None:
-            raise
-        # A full disk, a file system gone read-only: what was finished is kept for the re-run.
-        hint = "free some space" if e.errno == errno.ENOSPC else "fix that"
-        if e.errno == errno.ENOSPC and storage.is_s3(output):
-            hint = "free some space there or set TMPDIR to a disk with room (shards are assembled there)"
-        raise PackError(
-            f"{e.filename or tmp_dir}: {e.strerror} while writing the shards; {hint}, then re-run the "
-            "same command: the shards finished so far are kept"
-        ) from None
+        index_url = storage.join(output, "index.json")
+        if overwrite:
+            _clear(output, cfg.prefix)
+        elif storage.exists(index_url):
+            existing = _read_json(index_url)
+            if existing.get("fingerprint") == fingerprint:
+                _verify_finished(output, existing, inputs, verify)
+                return PackResult(existing, resumed_shards=len(existing["shards"]), already_complete=True)
+            raise PackError(
+                f"{output} already holds a packing of other inputs or options (index.json). "
+                "Choose another --output, or pass --overwrite to replace it."
+            )
+        try:
+            return _run(input_url, output, cfg, split, classes, inputs, fingerprint, tmp_dir, make_pool, progress)
+        except OSError as e:
+            if isinstance(e, storage.StorageError) or e.errno is None:
+                raise
+            # A full disk, a file system gone read-only: what was finished is kept for the re-run.
+            hint = "free some space" if e.errno == errno.ENOSPC else "fix that"
+            if e.errno == errno.ENOSPC and storage.is_s3(output):
+                hint = "free some space there or set TMPDIR to a disk with room (shards are assembled there)"
+            raise PackError(
+                f"{e.filename or tmp_dir}: {e.strerror} while writing the shards; {hint}, then re-run the "
+                "same command: the shards finished so far are kept"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,6 @@ import torch
 from dclr_dist.config import load_config
 from dclr_dist.engine import BUCKET_ELEMENTS, build
 from dclr_dist.model import VIEWS
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("precision, stage", [("fp32", 0), ("fp32", 2), ("bf16", 1), ("bf16", 2)])
@@ -103,7 +100,8 @@ def test_speed_switches_apply_and_leave_the_state_dict_keys(process_group):
         torch.backends.cudnn.benchmark = False
     model = engine.module
     assert model.memory_format == torch.channels_last_3d
-    assert all(e.f._compiled_call_impl is not None for e in (model.encoder_q, model.encoder_k))
+    stages = [m for e in (model.encoder_q, model.encoder_k) for m in e.f.children()]  # compiled stage by stage
+    assert stages and all(m._compiled_call_impl is not None for m in stages)
     # what checkpoints, best/ and exports are made of (tests/test_speed_switches.py runs the compiled step)
     assert list(model.state_dict()) == keys and list(engine.module_state_dict()) == keys
 
@@ -271,13 +269,11 @@ def test_the_trainer_s_step_has_no_host_sync_and_deepspeed_s_timer_would_add_the
 ):
     """benchmarks/syncs.py (the GPU check's counter) on the trainer's engine: nothing in a step as
     configured; with DeepSpeed's default throughput timer, its device synchronisations."""
-    import importlib.util
+    from helpers import benchmark_script
 
     from dclr_dist import engine as engine_module
 
-    spec = importlib.util.spec_from_file_location("syncs", REPO / "benchmarks" / "syncs.py")
-    syncs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(syncs)
+    syncs = benchmark_script("syncs")
     if throughput_timer:  # DeepSpeed's default, which deepspeed_config turns off
         config = engine_module.deepspeed_config
         monkeypatch.setattr(

@@ -3,22 +3,15 @@ baseline turns every one off (whatever the recipe sets) and each switch row turn
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import benchmark_script
 
 from dclr_dist.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_check")
 
 
 def test_every_switch_is_an_engine_field_and_each_row_sets_exactly_its_own(gpu_check):

@@ -3,21 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def syncs():
-    spec = importlib.util.spec_from_file_location("syncs", REPO / "benchmarks" / "syncs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("syncs")
 
 
 def test_each_kind_is_counted_in_its_phase_and_the_methods_come_back(syncs):
