@@ -3,6 +3,8 @@
     python benchmarks/motion_family.py                              # every variant, seeds 0 1 2
     python benchmarks/motion_family.py --variants hard --seeds 0 1  # a part (runs resume)
     python benchmarks/motion_family.py --report                     # table and plot of what has finished
+    python benchmarks/motion_family.py loss.tau=0.2 --val-only --methods DCLR --seeds 0 1
+                                      # a variant of a method, val split only (overrides go first)
 
 Corpora: the variants of ``dclr_dist.shard.family`` (translations; orbits and zooms; small fast
 wrapping objects and oscillations; busy textures with 4 training scenes; camera pan and zoom
@@ -380,17 +382,18 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     size = max(r["size"] for r in rows)
+    methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(6 * len(MEASURES), 4.5), squeeze=False)
-    width = 0.85 / len(METHODS)
+    width = 0.85 / len(methods)
     for ax, (key, label) in zip(axes[0], MEASURES):
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(methods):
             for j, variant in enumerate(variants):
                 v = [
                     100 * r[f"test_{key}"]
                     for r in rows
                     if (r["variant"], r["method"], r["size"]) == (variant, method, size)
                 ]
-                x = j + (i - (len(METHODS) - 1) / 2) * width
+                x = j + (i - (len(methods) - 1) / 2) * width
                 if v:
                     ax.bar(x, statistics.mean(v), width, color=f"C{i}", label=method if j == 0 else None)
                     ax.scatter([x] * len(v), v, color="black", s=5, zorder=3)

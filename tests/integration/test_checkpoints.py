@@ -46,8 +46,8 @@ def test_ray_storage_of_a_missing_bucket_is_a_one_line_error(s3_endpoint):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("checkpoint.minutes=0", "checkpoint.minutes must be > 0 or null, got 0.0"),
-        ("checkpoint.minutes=-5", "checkpoint.minutes must be > 0 or null, got -5.0"),
+        ("checkpoint.minutes=0", "checkpoint.minutes must be > 0 and at most a week (10080), or null, got 0.0"),
+        ("checkpoint.minutes=-5", "checkpoint.minutes must be > 0 and at most a week (10080), or null, got -5.0"),
         ("checkpoint.every=-1", "checkpoint.every must be >= 0 (0: not by epochs), got -1"),
     ],
 )
