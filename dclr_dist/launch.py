@@ -75,7 +75,7 @@ def verbose() -> bool:
 
 class Console:
     """The driver's view of a run: rank 0 sends progress and lines to a small actor, a thread
-    here draws them (module docstring). ``handle`` goes to the workers; None outside Ray."""
+    here draws them (module docstring). ``handle`` goes to the workers."""
 
     def __init__(self):
         import ray
@@ -108,11 +108,17 @@ class Console:
         return self
 
     def __exit__(self, *exc):
+        import ray
+
         self._stop.set()
         self._thread.join(10)
-        self._show()  # what arrived last
+        try:
+            self._show()  # what arrived last
+        except Exception:  # never in the way of the run's own outcome
+            pass
         if self._bar is not None:
             self._bar.close()
+        ray.kill(self.handle)
 
     def _draw(self) -> None:
         while not self._stop.wait(0.5):

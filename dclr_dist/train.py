@@ -188,8 +188,7 @@ def run_epoch(r: Rank, it, batches: int, epoch: int, step: int, meter: EpochMete
     for i in range(batches):
         if r.console is not None and time.monotonic() - shown >= 0.5:  # at most twice a second
             shown = time.monotonic()
-            state = {"epoch": epoch + 1, "epochs": r.cfg.train.epochs, "batch": i, "batches": batches}
-            r.console.update.remote({**state, "postfix": r.postfix})
+            progress(r, epoch, i, batches)
         t0 = time.perf_counter()
         batch = next(it)
         meter.batch(batch, time.perf_counter() - t0)
@@ -205,9 +204,14 @@ def run_epoch(r: Rank, it, batches: int, epoch: int, step: int, meter: EpochMete
         if boundary and step % r.cfg.train.log_every == 0:
             log_step(r, losses, meter.window(), epoch, step)
     if r.console is not None:
-        state = {"epoch": epoch + 1, "epochs": r.cfg.train.epochs, "batch": batches, "batches": batches}
-        r.console.update.remote({**state, "postfix": r.postfix})
+        progress(r, epoch, batches, batches)
     return step
+
+
+def progress(r: Rank, epoch: int, batch: int, batches: int) -> None:
+    """Where the epoch stands, for the driver's progress bar (no wait: a fire-and-forget call)."""
+    state = {"epoch": epoch + 1, "epochs": r.cfg.train.epochs, "batch": batch, "batches": batches}
+    r.console.update.remote({**state, "postfix": r.postfix})
 
 
 def log_step(r: Rank, losses: dict, local: dict, epoch: int, step: int) -> None:
