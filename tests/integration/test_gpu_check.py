@@ -90,11 +90,15 @@ def test_reduced_gpu_check_reports_every_part(tmp_path, bucket, sample_videos):
             assert field in r, (r["name"], field)
         assert r["samples_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] is None
         assert set(r["host_syncs"]) >= {"total", "by_kind", "by_phase"}  # benchmarks/syncs.py's four kinds
+        bn = r["bn_ops_per_forward"]["ops"]  # one pass per layer: no per-segment batch_norm, no cat
+        assert bn and not any("batch_norm" in name or name == "aten::cat" for name in bn), bn
         # the project's own code never makes the host wait for the device
         assert not set(r["host_syncs"]["by_phase"]) & set(PROJECT_PHASES), r["host_syncs"]
     # With ZeRO 0 (the trainer's default) a whole step has none; DeepSpeed's ZeRO-1/2 step reads
     # its overflow check and gradient norm on the host (then in engine.step only, checked above).
     stage0 = [r for r in ran if r["config"]["zero_stage"] == 0]
+    # buckets leave while backward runs, not all at its end
+    assert all(r["bucket_launches"] and min(r["bucket_launches"]) < 1 for r in stage0), stage0
     assert stage0 and all(r["host_syncs_per_step"] == 0 for r in stage0), [r["host_syncs"] for r in stage0]
     if report["recipe"]["zero_stage"] == 0:
         assert rows["baseline"]["host_syncs_per_step"] == 0, rows["baseline"]["host_syncs"]
