@@ -39,7 +39,7 @@ class ReusePool:
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
-        self.hits: dict[int, tuple[str, str]] = {}
+        self.hits: dict[int, tuple[str | None, str | int]] = {}  # task -> (sha, source), or (None, pool task)
         self.last_id = 0
         self.reused = 0
 
