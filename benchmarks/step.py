@@ -90,7 +90,7 @@ def worker(rank: int, world: int, port: int, in_batch: bool, args, results) -> N
 
 
 def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
-    """Host-synchronising ops in one whole step from uint8 frames (module docstring)."""
+    """Host-synchronising ops in one whole step from uint8 frames, after one (module docstring)."""
     cfg = ViewsConfig(frames=args.frames, size=args.size)
     rng = np.random.default_rng(0)
     frames = torch.randint(0, 256, (args.batch, 3, args.frames + 1, args.size, args.size), dtype=torch.uint8)
@@ -101,6 +101,7 @@ def host_syncs(model: DCLR, criterion: DCLRLoss, args) -> int:
     }
     from syncs import watch  # this folder is on sys.path when run as a script
 
+    views.dclr_views(raw, cfg)  # the steady state: constants built once per device are built here
     with watch(torch.device("cpu")) as w:
         model.zero_grad()
         criterion(model(views.dclr_views(raw, cfg)))["loss"].backward()
