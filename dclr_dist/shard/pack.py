@@ -235,7 +235,9 @@ def _run(
         output, input_url, split, cfg, classes, fingerprint, states, pending_rejects, pending_ids, len(inputs)
     )
     index["elapsed_s"] = round(time.monotonic() - start, 3)
-    return PackResult(index, resumed_shards=resumed, redone=redone, reused=getattr(pool, "reused", 0))
+    return PackResult(
+        index, resumed_shards=resumed, redone=redone, reused=pool.reused if isinstance(pool, ReusePool) else 0
+    )
 
 
 def _write_shards(

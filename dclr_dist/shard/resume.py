@@ -98,19 +98,6 @@ def _read_json(url: str) -> dict:
     return value
 
 
-def _url_sha256(url: str) -> str:
-    """sha256 of a local file or an S3 object, read in 1 MiB pieces."""
-    if not storage.is_s3(url):
-        return _sha256(str(storage.local_path(url)))
-    from dclr_dist.s3stream import gopen_s3
-
-    digest = hashlib.sha256()
-    with gopen_s3(url) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify_finished(output: str, index: dict, inputs: list[Input], verify: bool = False) -> None:
     """Refuse to call a finished packing complete when a shard or an input has changed since:
     by size, and with ``verify`` by each shard's sha256 (every byte read again)."""
@@ -128,7 +115,7 @@ def _verify_finished(output: str, index: dict, inputs: list[Input], verify: bool
                 f"{url} {found} where index.json says {shard['bytes']}: the packing was damaged after "
                 "it finished; pass --overwrite to pack again"
             )
-        if verify and _url_sha256(url) != shard["sha256"]:
+        if verify and _sha256(url) != shard["sha256"]:
             raise PackError(
                 f"{url} does not hold the bytes index.json records (sha256): the packing was damaged after "
                 "it finished; pass --overwrite to pack again"

@@ -9,7 +9,6 @@ mp4s spilled to a private temporary folder; every other input is transcoded as u
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from dclr_dist import storage
 from dclr_dist.shard.common import PackError
 from dclr_dist.shard.transcode import Encoded, input_identity
+from dclr_dist.shard.writer import _sha256
 
 # The options that decide an mp4's bytes (shard sizes, order and names do not).
 _ENCODES = ("short_side", "fps", "crf", "gop", "preset", "tune", "max_seconds")
@@ -70,7 +70,12 @@ class ReusePool:
 
     def submit(self, source: str) -> int:
         self.last_id += 1
-        sha = _sha256(source)
+        try:
+            # Read once more for a source not found here (the transcoder hashes what it reads):
+            # the price of knowing, before any transcoding, which inputs are already encoded.
+            sha = _sha256(source)
+        except OSError:  # unreadable: the transcoder says why
+            sha = None
         if sha in self.cache:
             self.hits[self.last_id] = (sha, source)
             return self.last_id
@@ -92,18 +97,3 @@ class ReusePool:
             self.pool.close()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _sha256(source: str) -> str | None:
-    """The source's sha256, or None where it cannot be read (the transcoder then says why)."""
-    digest = hashlib.sha256()
-    try:
-        if storage.is_s3(source):
-            digest.update(storage.read_bytes(source))
-        else:
-            with open(storage.local_path(source), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()

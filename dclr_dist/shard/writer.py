@@ -22,9 +22,12 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: str) -> str:
+def _sha256(url: str) -> str:
+    """sha256 of a local file or an S3 object, read in 1 MiB pieces."""
+    from dclr_dist.s3stream import gopen_s3
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with gopen_s3(url) if storage.is_s3(url) else open(storage.local_path(url), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
