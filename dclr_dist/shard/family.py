@@ -12,8 +12,9 @@ A ``Variant`` moves along axes that take that shortcut away one at a time:
 - ``radius`` and ``speed``: object size and speed, as fractions of the frame side (per frame);
 - ``edge``: "fit" (the whole path stays in the frame), "wrap" (the object leaves at one side
   and comes back at the other);
-- ``background``: "procedural" (``render.render_scene``: colour fields, stripes, shapes) or
-  "texture" (fine random texture: a crop or a frame difference of it is busy everywhere);
+- ``background``: "procedural" (``render.render_scene``: colour fields, stripes, shapes),
+  "texture" (fine random texture: a crop or a frame difference of it is busy everywhere) or
+  "photo" (a crop of a real photograph; each split crops photographs of its own, ``PHOTOS``);
 - ``camera``: "static", "pan" (the whole view drifts in a random direction) or "pan+zoom":
   a nuisance motion, drawn independently of the class, that moves every background pixel;
 - ``distractors``: smaller objects wandering on smooth random paths, so that "something
@@ -27,8 +28,11 @@ machines (``synth``'s docstring): per-frame scalars through ``math``, no reducti
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -46,7 +50,29 @@ MOTION_VOCABULARY = (
     "oscillate_h",
     "oscillate_v",
 )
-_TEXTURE_STREAM, _CAMERA_STREAM, _DISTRACTOR_STREAM = 10, 11, 12
+_TEXTURE_STREAM, _CAMERA_STREAM, _DISTRACTOR_STREAM, _PHOTO_STREAM = 10, 11, 12, 13
+# Photographs that installed packages ship (scikit-image's data folder, matplotlib's sample
+# data), colour and grey, people, objects, materials; no photograph is in two splits, so a
+# test scene is a photograph no training video showed, not another crop of one.
+PHOTOS = {
+    "train": (
+        "skimage:astronaut.png",
+        "skimage:coffee.png",
+        "skimage:motorcycle_left.png",
+        "skimage:ihc.png",
+        "skimage:brick.png",
+        "skimage:grass.png",
+    ),
+    "val": ("skimage:chelsea.png", "skimage:hubble_deep_field.jpg", "skimage:gravel.png"),
+    "test": (
+        "skimage:rocket.jpg",
+        "matplotlib:sample_data/grace_hopper.jpg",
+        "skimage:retina.jpg",
+        "skimage:camera.png",
+        "skimage:coins.png",
+        "skimage:moon.png",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,13 @@ VARIANTS = {
         distractors=2,
         note="camera pan and zoom, 2 wandering distractor objects, 6 classes",
     ),
+    # Added a session after the five above, fixed before any of its runs.
+    "photo": Variant(
+        ("move_right", "move_left", "zoom_in", "zoom_out"),
+        background="photo",
+        camera="pan",
+        note="crops of real photographs (other photographs per split), camera pan",
+    ),
 }
 
 
@@ -105,10 +138,12 @@ def variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def render_variant(v: Variant, motion: str, scene: int, *, key: list[int], frames: int, size: int, seed: int):
-    """The frames of one video of variant ``v`` as (T, H, W, 3) float32 RGB in [0, 1]."""
+def render_variant(
+    v: Variant, motion: str, scene: int, *, key: list[int], frames: int, size: int, seed: int, split: str
+):
+    """The frames of one video of ``split`` of variant ``v`` as (T, H, W, 3) float32 RGB in [0, 1]."""
     cam = _camera(v.camera, np.random.default_rng([*key, _CAMERA_STREAM]), frames)
-    bg = _background(v.background, scene, size, seed)
+    bg = _background(v.background, scene, size, seed, split)
     x, y = _coords(size)
     img = np.empty((frames, size, size, 3), np.float32)
     for t in range(frames):
@@ -124,8 +159,10 @@ def render_variant(v: Variant, motion: str, scene: int, *, key: list[int], frame
     return img
 
 
-def _background(kind: str, scene: int, size: int, seed: int) -> np.ndarray:
+def _background(kind: str, scene: int, size: int, seed: int, split: str) -> np.ndarray:
     """The scene on a canvas twice the frame (world [-0.5, 1.5]), so a moving camera finds pixels."""
+    if kind == "photo":
+        return _photo_crop(scene, 2 * size, seed, split)
     if kind == "procedural":
         return render_scene(scene, 2 * size, seed)
     if kind == "texture":
@@ -134,6 +171,42 @@ def _background(kind: str, scene: int, size: int, seed: int) -> np.ndarray:
         fine = _smooth_field(rng, max(2, size // 2), 2 * size, 3)
         return np.clip(0.1 + 0.45 * coarse + 0.45 * fine, 0, 1).astype(np.float32)
     raise ValueError(f"unknown background {kind!r}")
+
+
+def _photo_crop(scene: int, side: int, seed: int, split: str) -> np.ndarray:
+    """Scene ``scene``: a square crop of one of ``split``'s photographs (they take turns), of
+    60-100% of its short side at a random place, mirrored or not, resized to ``side`` (the
+    frame shows the middle half of it: 30-50% of the photograph)."""
+    from PIL import Image
+
+    pool = PHOTOS[split]
+    photo = _photo(pool[scene % len(pool)])
+    rng = np.random.default_rng([seed, _PHOTO_STREAM, scene])
+    w, h = photo.size
+    crop = int(min(w, h) * rng.uniform(0.6, 1.0))
+    left, top = int(rng.integers(w - crop + 1)), int(rng.integers(h - crop + 1))
+    # Pillow's 8-bit resampling is integer arithmetic: the same bytes on every machine.
+    out = photo.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
+    if rng.uniform() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, np.float32) / 255
+
+
+@lru_cache(maxsize=None)
+def _photo(name: str):
+    """A bundled photograph as an RGB PIL image; ``name`` is "package:path in its data folder"."""
+    from PIL import Image
+
+    package, _, rel = name.partition(":")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the photo background reads photographs that {package} ships, and {package} is not installed: "
+            f"pip install {'scikit-image' if package == 'skimage' else package} (or the dev extra)"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / ("data" if package == "skimage" else "mpl-data")
+    with Image.open(folder / rel) as im:
+        return im.convert("RGB")
 
 
 def _sample(canvas: np.ndarray, wx: np.ndarray, wy: np.ndarray) -> np.ndarray:

@@ -328,6 +328,7 @@ def _write_video(path: Path, video: _Video, seed: int, frames: int, size: int, f
             frames=frames,
             size=size,
             seed=seed,
+            split=video.split,
         )
     planes = _to_yuv420p(rgb)
     tmp = path.with_name(path.name + ".part")

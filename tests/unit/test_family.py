@@ -24,11 +24,11 @@ def track(motion: str, v: family.Variant | None = None, key=(0, 2, 0, 0, 0)) -> 
 @pytest.mark.parametrize("name", list(family.VARIANTS))
 def test_every_variant_renders_deterministic_frames(name):
     v = family.VARIANTS[name]
-    video = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0)
+    video = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0, split="train")
     assert video.shape == (FRAMES, SIZE, SIZE, 3) and video.dtype == np.float32
     assert 0 <= video.min() and video.max() <= 1
-    again = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0)
-    other = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 2], frames=FRAMES, size=SIZE, seed=0)
+    again = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0, split="train")
+    other = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 2], frames=FRAMES, size=SIZE, seed=0, split="train")
     assert np.array_equal(video, again) and not np.array_equal(video, other)
 
 
@@ -82,7 +82,7 @@ def test_nothing_but_the_motion_depends_on_the_class():
 
 def changed_pixels(v: family.Variant) -> float:
     """Fraction of pixels that change between two frames of a video of ``v``."""
-    video = family.render_variant(v, v.motions[0], 0, key=[0, 2, 0, 0, 0], frames=FRAMES, size=SIZE, seed=0)
+    video = family.render_variant(v, v.motions[0], 0, key=[0, 2, 0, 0, 0], frames=FRAMES, size=SIZE, seed=0, split="train")
     return float((np.abs(video[FRAMES // 2] - video[FRAMES // 2 + 1]).max(-1) > 1e-3).mean())
 
 
@@ -91,6 +91,32 @@ def test_camera_motion_moves_the_background_and_distractors_move_too():
     assert changed_pixels(still) < 0.1  # only the object
     assert changed_pixels(family.Variant(("move_right",), camera="pan")) > 0.5  # every background pixel
     assert changed_pixels(family.Variant(("move_right",), distractors=2)) > changed_pixels(still)
+
+
+def test_photo_scenes_are_crops_of_photographs_no_other_split_shows():
+    assert not set(family.PHOTOS["train"]) & (set(family.PHOTOS["val"]) | set(family.PHOTOS["test"]))
+    assert not set(family.PHOTOS["val"]) & set(family.PHOTOS["test"])
+    crops = {
+        split: [family._photo_crop(s, 2 * SIZE, 0, split) for s in range(len(family.PHOTOS[split]))]
+        for split in ("train", "test")
+    }
+    for crop in crops["train"] + crops["test"]:
+        assert crop.shape == (2 * SIZE, 2 * SIZE, 3) and crop.dtype == np.float32 and crop.std() > 0.02
+    assert np.array_equal(family._photo_crop(1, 2 * SIZE, 0, "train"), crops["train"][1])
+    # Scenes that take their turn on the same photograph are other crops of it.
+    again = family._photo_crop(len(family.PHOTOS["train"]), 2 * SIZE, 0, "train")
+    assert not np.array_equal(again, crops["train"][0])
+    # A test scene matches no training scene, the same scene id included.
+    for t in crops["test"]:
+        assert min(np.abs(t - c).mean() for c in crops["train"]) > 0.05
+
+
+def test_photo_background_without_its_package_says_what_to_install(monkeypatch):
+    family._photo.cache_clear()
+    monkeypatch.setattr(family.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="skimage ships.*pip install scikit-image"):
+        family._photo_crop(0, 2 * SIZE, 0, "train")
+    family._photo.cache_clear()
 
 
 def test_camera_drift_is_centred_on_the_clip_s_middle_frame():
