@@ -8,8 +8,9 @@
 
 Corpora: the variants of ``dclr_dist.shard.family`` (translations; orbits and zooms; small fast
 wrapping objects and oscillations; busy textures with 4 training scenes; camera pan and zoom
-with wandering distractors), written by ``python -m dclr_dist.shard synth --variant`` and
-packed by the packer into train, val and test shards, each split in scenes of its own.
+with wandering distractors; crops of real photographs under a panning camera), written by
+``python -m dclr_dist.shard synth --variant`` and packed by the packer into train, val and test
+shards, each split in scenes of its own.
 
 Training: the trainer's own code on those shards, one worker: ``dclr_dist.engine.build`` (the
 DeepSpeed engine on gloo), ``dclr_dist.data.train_loader`` (the shard reader, shuffle buffer
@@ -380,8 +381,9 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     from dclr_dist.shard.family import VARIANTS
 
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    size = max(r["size"] for r in rows)
+    # The size most variants ran at: a larger size checked on one variant has its own table.
+    size = statistics.mode(sorted(r["size"] for r in rows))
+    variants = [v for v in VARIANTS if any(r["variant"] == v and r["size"] == size for r in rows)]
     methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(6 * len(MEASURES), 4.5), squeeze=False)
     width = 0.85 / len(methods)

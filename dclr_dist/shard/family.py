@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +192,7 @@ def _photo_crop(scene: int, side: int, seed: int, split: str) -> np.ndarray:
     return np.asarray(out, np.float32) / 255
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str):
     """A bundled photograph as an RGB PIL image; ``name`` is "package:path in its data folder"."""
     from PIL import Image

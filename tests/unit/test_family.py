@@ -21,14 +21,19 @@ def track(motion: str, v: family.Variant | None = None, key=(0, 2, 0, 0, 0)) -> 
     return family._object(v, motion, np.random.default_rng(list(key)), FRAMES)
 
 
+def render(v: family.Variant, scene: int, key: list[int]) -> np.ndarray:
+    """A training video of ``v``'s first motion."""
+    return family.render_variant(v, v.motions[0], scene, key=key, frames=FRAMES, size=SIZE, seed=0, split="train")
+
+
 @pytest.mark.parametrize("name", list(family.VARIANTS))
 def test_every_variant_renders_deterministic_frames(name):
     v = family.VARIANTS[name]
-    video = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0, split="train")
+    video = render(v, 3, [0, 2, 0, 0, 1])
     assert video.shape == (FRAMES, SIZE, SIZE, 3) and video.dtype == np.float32
     assert 0 <= video.min() and video.max() <= 1
-    again = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 1], frames=FRAMES, size=SIZE, seed=0, split="train")
-    other = family.render_variant(v, v.motions[0], 3, key=[0, 2, 0, 0, 2], frames=FRAMES, size=SIZE, seed=0, split="train")
+    again = render(v, 3, [0, 2, 0, 0, 1])
+    other = render(v, 3, [0, 2, 0, 0, 2])
     assert np.array_equal(video, again) and not np.array_equal(video, other)
 
 
@@ -82,7 +87,7 @@ def test_nothing_but_the_motion_depends_on_the_class():
 
 def changed_pixels(v: family.Variant) -> float:
     """Fraction of pixels that change between two frames of a video of ``v``."""
-    video = family.render_variant(v, v.motions[0], 0, key=[0, 2, 0, 0, 0], frames=FRAMES, size=SIZE, seed=0, split="train")
+    video = render(v, 0, [0, 2, 0, 0, 0])
     return float((np.abs(video[FRAMES // 2] - video[FRAMES // 2 + 1]).max(-1) > 1e-3).mean())
 
 
