@@ -233,10 +233,17 @@ def _label(method: str, extra: list[str]) -> str:
 
 
 def _commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    """The commit of the ``dclr_dist`` this process imported, which an editable install may
+    have taken from another checkout than the one this file is in."""
+    import dclr_dist
 
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "dclr_dist") else "")
+    root = Path(dclr_dist.__file__).resolve().parents[1]
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "dclr_dist") else "")
+    return commit if root == REPO else f"{commit} ({root})"
 
 
 def main() -> int:
