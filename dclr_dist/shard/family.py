@@ -51,6 +51,8 @@ MOTION_VOCABULARY = (
     "oscillate_v",
 )
 _TEXTURE_STREAM, _CAMERA_STREAM, _DISTRACTOR_STREAM, _PHOTO_STREAM = 10, 11, 12, 13
+# Where each package keeps its photographs, and the name pip installs it by.
+_PHOTO_PACKAGES = {"skimage": ("data", "scikit-image"), "matplotlib": ("mpl-data", "matplotlib")}
 # Photographs that installed packages ship (scikit-image's data folder, matplotlib's sample
 # data), colour and grey, people, objects, materials; no photograph is in two splits, so a
 # test scene is a photograph no training video showed, not another crop of one.
@@ -198,13 +200,14 @@ def _photo(name: str):
     from PIL import Image
 
     package, _, rel = name.partition(":")
+    data, pip_name = _PHOTO_PACKAGES[package]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             f"the photo background reads photographs that {package} ships, and {package} is not installed: "
-            f"pip install {'scikit-image' if package == 'skimage' else package} (or the dev extra)"
+            f"pip install {pip_name} (or the dev extra)"
         )
-    folder = Path(spec.submodule_search_locations[0]) / ("data" if package == "skimage" else "mpl-data")
+    folder = Path(spec.submodule_search_locations[0]) / data
     with Image.open(folder / rel) as im:
         return im.convert("RGB")
 

@@ -18,7 +18,7 @@ from dclr_dist import storage
 from dclr_dist.config import ShardConfig
 from dclr_dist.shard.common import Input, PackError
 from dclr_dist.shard.transcode import input_identity
-from dclr_dist.shard.writer import _head, _sha256
+from dclr_dist.shard.writer import _head, sha256
 
 STATE_DIR = "_partial"
 
@@ -39,7 +39,7 @@ def _shard_problem(output: str, state: dict) -> str | None:
         return "is missing"
     if size != state["bytes"]:
         return f"has {size} bytes where {state['bytes']} were written"
-    if _sha256(str(path)) != state["sha256"]:
+    if sha256(str(path)) != state["sha256"]:
         return "does not hold the bytes that were written (sha256)"
     return None
 
@@ -115,7 +115,7 @@ def _verify_finished(output: str, index: dict, inputs: list[Input], verify: bool
                 f"{url} {found} where index.json says {shard['bytes']}: the packing was damaged after "
                 "it finished; pass --overwrite to pack again"
             )
-        if verify and _sha256(url) != shard["sha256"]:
+        if verify and sha256(url) != shard["sha256"]:
             raise PackError(
                 f"{url} does not hold the bytes index.json records (sha256): the packing was damaged after "
                 "it finished; pass --overwrite to pack again"

@@ -19,7 +19,7 @@ from pathlib import Path
 from dclr_dist import storage
 from dclr_dist.shard.common import PackError
 from dclr_dist.shard.transcode import Encoded, input_identity
-from dclr_dist.shard.writer import _sha256
+from dclr_dist.shard.writer import sha256
 
 # The options that decide an mp4's bytes (shard sizes, order and names do not).
 _ENCODES = ("short_side", "fps", "crf", "gop", "preset", "tune", "max_seconds")
@@ -73,7 +73,7 @@ class ReusePool:
         try:
             # Read once more for a source not found here (the transcoder hashes what it reads):
             # the price of knowing, before any transcoding, which inputs are already encoded.
-            sha = _sha256(source)
+            sha = sha256(source)
         except OSError:  # unreadable: the transcoder says why
             sha = None
         if sha in self.cache:

@@ -22,7 +22,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(url: str) -> str:
+def sha256(url: str) -> str:
     """sha256 of a local file or an S3 object, read in 1 MiB pieces."""
     from dclr_dist.s3stream import gopen_s3
 
@@ -108,7 +108,7 @@ class _ShardWriter:
             "name": self.name,
             "samples": self.samples,
             "bytes": os.path.getsize(self.tmp),
-            "sha256": _sha256(self.tmp),
+            "sha256": sha256(self.tmp),
         }
         if storage.is_s3(self.url):
             shard["etag"] = _upload(self.tmp, self.url)
