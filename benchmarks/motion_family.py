@@ -411,9 +411,10 @@ def plot(rows: list[dict], path: Path) -> Path:
             ax.plot([j - 0.45, j + 0.45], [chance] * 2, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(variants)), [v.replace("_", "\n") for v in variants], fontsize=8)
         ax.set(ylabel="%", ylim=(0, 100), title=f"test {label}, unseen scenes ({size} px)")
-    axes[0][0].legend(fontsize=7)
+    # Below the axes: with every lever's row the legend would hide the bars.
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
     fig.suptitle("motion family: bars = mean over seeds, dots = seeds, dashed = chance", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 * (len(methods) + 2) / 3, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
