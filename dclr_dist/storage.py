@@ -169,15 +169,19 @@ def _explain(e: Exception, what: str) -> Exception:
     return e
 
 
+def head_object(url: str) -> dict | None:
+    """An S3 object's HeadObject answer (ETag, ContentLength, ...); None if there is none."""
+    bucket, key = split_s3(url)
+    try:
+        return retry(lambda: s3_client().head_object(Bucket=bucket, Key=key), f"stat {url}")
+    except FileNotFoundError:
+        return None
+
+
 def exists(url: str) -> bool:
     if not is_s3(url):
         return local_path(url).exists()
-    bucket, key = split_s3(url)
-    try:
-        retry(lambda: s3_client().head_object(Bucket=bucket, Key=key), f"stat {url}")
-        return True
-    except FileNotFoundError:
-        return False
+    return head_object(url) is not None
 
 
 def read_bytes(url: str) -> bytes:

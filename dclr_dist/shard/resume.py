@@ -18,7 +18,7 @@ from dclr_dist import storage
 from dclr_dist.config import ShardConfig
 from dclr_dist.shard.common import Input, PackError
 from dclr_dist.shard.transcode import input_identity
-from dclr_dist.shard.writer import _head, sha256
+from dclr_dist.shard.writer import sha256
 
 STATE_DIR = "_partial"
 
@@ -28,7 +28,7 @@ def _shard_problem(output: str, state: dict) -> str | None:
     url = storage.join(output, state["name"])
     if storage.is_s3(url):
         # An object is all or nothing; what can happen to it is deletion or replacement.
-        head = _head(url)
+        head = storage.head_object(url)
         if head is None:
             return "is missing"
         return None if head["ETag"] == state.get("etag") else "was replaced since it was uploaded (ETag)"
@@ -104,7 +104,7 @@ def _verify_finished(output: str, index: dict, inputs: list[Input], verify: bool
     for shard in index["shards"]:
         url = storage.join(output, shard["name"])
         if storage.is_s3(url):
-            head = _head(url)
+            head = storage.head_object(url)
             size = head["ContentLength"] if head else None
         else:
             path = storage.local_path(url)

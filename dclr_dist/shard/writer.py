@@ -41,14 +41,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _head(url: str) -> dict | None:
-    bucket, key = storage.split_s3(url)
-    try:
-        return storage.retry(lambda: storage.s3_client().head_object(Bucket=bucket, Key=key), f"stat {url}")
-    except FileNotFoundError:
-        return None
-
-
 def _upload(tmp: str, url: str) -> str:
     """Upload a finished shard; its ETag, by which resume knows the object is still the one uploaded."""
     from boto3.exceptions import S3UploadFailedError
@@ -72,7 +64,7 @@ def _upload(tmp: str, url: str) -> str:
         raise PackError(
             f"{url}: upload failed ({code or type(e).__name__}): {hint}, then re-run the same command to resume"
         ) from None
-    head = _head(url)
+    head = storage.head_object(url)
     if head is None:
         raise PackError(
             f"{url}: not found right after its upload; check the store (AWS_ENDPOINT_URL), then re-run "
