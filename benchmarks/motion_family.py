@@ -392,8 +392,12 @@ def plot(rows: list[dict], path: Path) -> Path:
     size = statistics.mode(sorted(r["size"] for r in rows))
     variants = [v for v in VARIANTS if any(r["variant"] == v and r["size"] == size for r in rows)]
     methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(6 * len(MEASURES), 4.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(MEASURES), figsize=(6 * len(MEASURES), 4.5 + 0.15 * len(methods)), squeeze=False, layout="constrained"
+    )
     width = 0.85 / len(methods)
+    # tab10 repeats its colours past ten methods (every lever's recipe is one)
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     for ax, (key, label) in zip(axes[0], MEASURES):
         for i, method in enumerate(methods):
             for j, variant in enumerate(variants):
@@ -404,7 +408,7 @@ def plot(rows: list[dict], path: Path) -> Path:
                 ]
                 x = j + (i - (len(methods) - 1) / 2) * width
                 if v:
-                    ax.bar(x, statistics.mean(v), width, color=f"C{i}", label=method if j == 0 else None)
+                    ax.bar(x, statistics.mean(v), width, color=colours(i), label=method if j == 0 else None)
                     ax.scatter([x] * len(v), v, color="black", s=5, zorder=3)
         for j, variant in enumerate(variants):
             chance = 100 / len(VARIANTS[variant].motions)
@@ -412,9 +416,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.set_xticks(range(len(variants)), [v.replace("_", "\n") for v in variants], fontsize=8)
         ax.set(ylabel="%", ylim=(0, 100), title=f"test {label}, unseen scenes ({size} px)")
     # Below the axes: with every lever's row the legend would hide the bars.
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7)
     fig.suptitle("motion family: bars = mean over seeds, dots = seeds, dashed = chance", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * (len(methods) + 2) / 3, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
