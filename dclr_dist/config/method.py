@@ -296,7 +296,7 @@ class LossConfig:
     w_vv: float = 1.0
     # Weight of L_v->s + L_s->v, static decoupling (paper: 1). These terms tie a clip to its
     # own frame, the scene where scene and action are independent: the recipe chosen on the
-    # motion family's validation scenes sets 0.25, with vv_positives "dynamic", topk 10 (README).
+    # motion family's validation scenes sets 0 (them off), with vv_positives "dynamic", topk 10 (README).
     w_s: float = 1.0
     # Weight of L_v->d + L_d->v, dynamic decoupling (paper: 1).
     w_d: float = 1.0
