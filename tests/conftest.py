@@ -82,7 +82,8 @@ class FlakyProxy:
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(16)
         self.endpoint = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -149,7 +150,14 @@ class FlakyProxy:
         upstream.close()
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does,
+        # so no acceptor outlives its test.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._acceptor.join(timeout=5)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 differences are generated from its rows, so its arithmetic and its pairing by seed are tested
 on rows whose figures are known."""
 
-from tests.helpers import benchmark_script
+from helpers import benchmark_script
 
 mf = benchmark_script("motion_family")
 
