@@ -25,7 +25,7 @@ demo: $(STAMP)
 # server) and tests/integration (real Ray clusters, moto S3, subprocesses; ~12-22 minutes on 2 cores).
 # tests/run.py is `python -m pytest`, whose exit code is pytest's verdict (its docstring says why).
 test: lint
-	$(BIN)/python -m tests.run -q
+	$(BIN)/python -X faulthandler -m tests.run -q
 
 # The inner loop: the unit tests only.
 unit: $(STAMP)
