@@ -102,15 +102,24 @@ def _token() -> str:
     return r.stdout.strip()
 
 
+# Ports this process has handed out. A node binds its ports only once its processes are up,
+# so until then the kernel may offer the same port again: the head's dashboard port came back
+# as its metrics-export port once, and `ray start` refused to start.
+_HANDED_OUT: set[int] = set()
+
+
 def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (held open together so none is handed out twice)."""
-    socks = []
+    """n ports free right now that this process has not handed out before."""
+    socks, ports = [], []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket()
             s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            socks.append(s)  # held open until the end, so the kernel offers another port next
+            if (port := s.getsockname()[1]) not in _HANDED_OUT:
+                ports.append(port)
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
