@@ -9,9 +9,9 @@ dir, so ``ray job submit`` talks to a real head's job server and Ray Train place
 distinct nodes, as on AWS or Kubernetes. The head offers no CPUs by default: training
 workers then land on the worker nodes, one per node with ``--cpus-per-node 1``.
 
-Every port is chosen free, and none twice, so several clusters (other people's tests) can share the
-machine; the job server listens on 127.0.0.1 only, the nodes on this machine's own address
-(Ray replaces a loopback ``--node-ip-address`` with it). Token authentication is on, as for
+Every port is chosen free, and none twice, so several clusters (other people's tests) can
+share the machine; the job server listens on 127.0.0.1 only, the nodes on this machine's own
+address (Ray replaces a loopback ``--node-ip-address`` with it). Token authentication is on, as for
 any cluster reachable over a network: the token is Ray's default one (``ray get-auth-token
 --generate`` makes it on first use), and clients need ``RAY_AUTH_MODE=token``, which
 ``start`` prints with the addresses.
