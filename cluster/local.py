@@ -11,10 +11,10 @@ workers then land on the worker nodes, one per node with ``--cpus-per-node 1``.
 
 Every port is chosen free, and none twice, so several clusters (other people's tests) can
 share the machine; the job server listens on 127.0.0.1 only, the nodes on this machine's own
-address (Ray replaces a loopback ``--node-ip-address`` with it). Token authentication is on, as for
-any cluster reachable over a network: the token is Ray's default one (``ray get-auth-token
---generate`` makes it on first use), and clients need ``RAY_AUTH_MODE=token``, which
-``start`` prints with the addresses.
+address (Ray replaces a loopback ``--node-ip-address`` with it). Token authentication is on,
+as for any cluster reachable over a network: the token is Ray's default one (``ray
+get-auth-token --generate`` makes it on first use), and clients need ``RAY_AUTH_MODE=token``,
+which ``start`` prints with the addresses.
 
 ``stop`` ends only the processes this cluster started (each node's ``ray start``, recorded
 in ``ROOT/cluster.json``, with its descendants and its session), by pid; never ``ray stop``,
