@@ -86,6 +86,7 @@ MEASURES = [("linear", "linear probe"), ("knn", "k-NN")]
 # (README, "Motion it was not tuned on").
 PER_CLASS = {"train": 32, "val": 12, "test": 24}
 FRAMES = 32
+STEPS = 480
 
 
 def corpus(out: Path, variant: str, size: int) -> dict[str, str]:
@@ -183,7 +184,7 @@ def train_and_measure(spec: tuple) -> dict:
     cfg = load_config(DEMO_CONFIG, args)
     t0 = time.monotonic()
     torch.manual_seed(cfg.train.seed)
-    row = {"variant": variant, "method": _label(method, extra), "seed": seed, "size": size, "commit": _commit()}
+    row = {"variant": variant, "method": _label(method, extra, steps), "seed": seed, "size": size, "commit": _commit()}
     row["overrides"] = args
     if METHODS[method] is None:
         f = DCLR.from_config(cfg.model, in_batch=False).encoder_q.f
@@ -227,9 +228,10 @@ def measure(f, cfg, shards: dict, splits: tuple[str, ...]) -> dict:
     return out
 
 
-def _label(method: str, extra: list[str]) -> str:
-    """A method's name in rows and tables: with the run's extra overrides, a method of its own."""
-    return " ".join([method, *extra])
+def _label(method: str, extra: list[str], steps: int) -> str:
+    """A method's name in rows and tables: with the run's extra overrides and a step count other
+    than the default, a method of its own."""
+    return " ".join([method, *extra, *([f"--steps {steps}"] if steps != STEPS else [])])
 
 
 def _commit() -> str:
@@ -253,7 +255,9 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD")
-    parser.add_argument("--steps", type=int, default=480, help="optimizer steps of 16 clips per run (default 480)")
+    parser.add_argument(
+        "--steps", type=int, default=STEPS, help=f"optimizer steps of 16 clips per run (default {STEPS})"
+    )
     parser.add_argument("--size", type=int, default=48, help="frame side of the corpus and the crops (default 48)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (default 2)")
     parser.add_argument("--out", default=str(OUT), help=f"results, corpora and plot (default {OUT})")
@@ -283,7 +287,7 @@ def main() -> int:
             for s in args.seeds
             for variant in args.variants
             for m in args.methods
-            if (variant, _label(m, args.overrides), s, args.size) not in done
+            if (variant, _label(m, args.overrides, args.steps), s, args.size) not in done
         ]
         print(f"{len(specs)} runs to do, {args.jobs} at a time; results in {log}", flush=True)
         t0 = time.monotonic()

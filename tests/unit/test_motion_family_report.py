@@ -51,3 +51,9 @@ def test_val_only_report_has_no_plot(tmp_path):
     mf.report(rows, tmp_path, ("val",))
     assert "DCLR - baseline, val k-NN: seed 0 +12.5; mean +12.5" in (tmp_path / "motion_family_val.txt").read_text()
     assert not (tmp_path / "motion_family_val.png").exists()
+
+
+def test_a_longer_run_is_a_method_of_its_own():
+    # rows resume by label: a --steps run labelled like the default one would be skipped as done
+    assert mf._label("DCLR", ["loss.w_s=0"], mf.STEPS) == "DCLR loss.w_s=0"
+    assert mf._label("DCLR", ["loss.w_s=0"], 2 * mf.STEPS) == f"DCLR loss.w_s=0 --steps {2 * mf.STEPS}"
