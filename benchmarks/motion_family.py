@@ -314,7 +314,8 @@ def _read(log: Path) -> list[dict]:
 
 def report(rows: list[dict], out: Path, splits: tuple[str, ...] = ("val", "test")) -> None:
     """Per variant: every method's mean +- std over seeds, and each trained method minus the
-    baseline seed by seed, on the last of ``splits``. Val-only: rows with val figures, no plot."""
+    baseline trained for as many steps, seed by seed, on the last of ``splits``. Val-only: rows
+    with val figures, no plot."""
     from dclr_dist.shard.family import VARIANTS
 
     rows = [r for r in rows if f"{splits[-1]}_knn" in r]
@@ -345,8 +346,8 @@ def report(rows: list[dict], out: Path, splits: tuple[str, ...] = ("val", "test"
             paired = [
                 p
                 for m in methods
-                if METHODS.get(m, []) is not None and m != "baseline"
-                for p in _paired(runs, m, "baseline", splits[-1])
+                if METHODS.get(m, []) is not None and m != _same_budget_baseline(m)
+                for p in _paired(runs, m, _same_budget_baseline(m), splits[-1])
             ]
             lines += paired + [""]
             md += [""] + [f"- {p.strip()}" for p in paired] + [""]
@@ -363,6 +364,12 @@ def report(rows: list[dict], out: Path, splits: tuple[str, ...] = ("val", "test"
 
 def _cell(v: list[float]) -> str:
     return f"{statistics.mean(v):.1f} +- {statistics.stdev(v) if len(v) > 1 else 0:.1f} ({len(v)})"
+
+
+def _same_budget_baseline(method: str) -> str:
+    """The baseline a method is paired with: the one trained for as many steps."""
+    _, longer, steps = method.rpartition(" --steps ")
+    return f"baseline --steps {steps}" if longer else "baseline"
 
 
 def _paired(runs: list[dict], a: str, b: str, split: str) -> list[str]:

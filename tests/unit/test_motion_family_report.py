@@ -57,3 +57,17 @@ def test_a_longer_run_is_a_method_of_its_own():
     # rows resume by label: a --steps run labelled like the default one would be skipped as done
     assert mf._label("DCLR", ["loss.w_s=0"], mf.STEPS) == "DCLR loss.w_s=0"
     assert mf._label("DCLR", ["loss.w_s=0"], 2 * mf.STEPS) == f"DCLR loss.w_s=0 --steps {2 * mf.STEPS}"
+
+
+def test_a_longer_run_is_paired_with_the_baseline_trained_as_long(tmp_path):
+    longer = f"DCLR --steps {2 * mf.STEPS}"
+    rows = [
+        _row("translate", "baseline", 0, 0.25, 0.25),
+        _row("translate", f"baseline --steps {2 * mf.STEPS}", 0, 0.50, 0.25),
+        _row("translate", longer, 0, 0.75, 0.50),
+    ]
+    mf.report(rows, tmp_path)
+    text = (tmp_path / "motion_family.txt").read_text()
+    assert f"{longer} - baseline --steps {2 * mf.STEPS}, test linear probe: seed 0 +25.0; mean +25.0" in text
+    assert f"{longer} - baseline," not in text
+    assert f"baseline --steps {2 * mf.STEPS} - baseline" not in text
