@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m dclr_dist.demo
 
 # Lint and format check first (seconds), then the whole suite: tests/unit (seconds, no Ray, no S3
-# server) and tests/integration (real Ray clusters, moto S3, subprocesses; 12-16 minutes on 2 idle cores, as the README says).
+# server) and tests/integration (real Ray clusters, moto S3, subprocesses; 11-16 minutes on 2 idle cores, as the README says).
 # tests/run.py is `python -m pytest`, whose exit code is pytest's verdict (its docstring says why).
 test: lint
 	$(BIN)/python -X faulthandler -m tests.run -q
