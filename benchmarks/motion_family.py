@@ -31,7 +31,11 @@ Evaluation: the final weights (no checkpoint selection), ``data.eval_clips`` cli
 ``dclr_dist.evaluation``'s features and protocols: linear probe (L2 by 3-fold cross-validation
 on the train split) and k-NN, on the val split and on the test split. Recipe decisions use the
 val columns only. Each result row records the commit and every override; ``results.jsonl``
-under ``--out`` is appended as each run ends, so an interrupted benchmark resumes.
+under ``--out`` is appended as each run ends, so an interrupted benchmark resumes. A
+``--val-only`` run keeps its final backbone under ``--out``/weights: once its recipe is
+chosen, the same run with the test split measures those weights instead of training them
+again (only if they were trained with the same overrides on the same committed
+``dclr_dist``, and only if they still read their val figures exactly).
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def train_and_measure(spec: tuple) -> dict:
     from dclr_dist.model import DCLR
     from dclr_dist.train import Rank, run_epoch
 
-    variant, method, seed, steps, size, shards, extra, splits = spec
+    variant, method, seed, steps, size, shards, extra, splits, out = spec
     torch.set_num_threads(1)
     args = overrides(method, variant, seed, steps, size, shards, extra)
     cfg = load_config(DEMO_CONFIG, args)
@@ -191,6 +195,18 @@ def train_and_measure(spec: tuple) -> dict:
         if method == "frame-difference ceiling":
             f = FrameDifference(f)
         return {**row, **measure(f, cfg, shards, splits), "seconds": round(time.monotonic() - t0, 1)}
+    weights = _weights_path(out, row["method"], variant, size, seed)
+    saved = _reusable(weights, args) if "test" in splits else None
+    if saved is not None:
+        f = DCLR.from_config(cfg.model, in_batch=cfg.loss.in_batch).encoder_q.f
+        f.load_state_dict(saved["state_dict"])
+        figures = measure(f, cfg, shards, splits)
+        trained = saved["row"]
+        # The same weights must read what they read when they were trained.
+        if any(figures[k] != trained[k] for k in ("val_linear", "val_knn")):
+            raise RuntimeError(f"{weights}: the saved weights no longer give their val figures; delete the file")
+        seconds = round(trained["seconds"] + time.monotonic() - t0, 1)
+        return {**trained, **figures, "seconds": seconds, "weights": "saved by its val-only run"}
     _process_group()
     device = torch.device("cpu")
     batches = data.batches_per_epoch(cfg.data, data.resolve_shards(cfg.data.train), 1)
@@ -202,13 +218,41 @@ def train_and_measure(spec: tuple) -> dict:
         meter = EpochMeter()
         step = run_epoch(r, it, batches, epoch, step, meter)
         losses.append(meter.epoch(batches, device, {})[0]["loss"])
-    return {
+    f = engine.module.encoder_q.f
+    row = {
         **row,
         "steps": step,
         "final_loss": losses[-1],
-        **measure(engine.module.encoder_q.f, cfg, shards, splits),
+        **measure(f, cfg, shards, splits),
         "seconds": round(time.monotonic() - t0, 1),
     }
+    if splits == ("val",):
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_suffix(".tmp")
+        torch.save({"state_dict": f.state_dict(), "row": row, "tree": _tree()}, tmp)
+        tmp.replace(weights)
+    return row
+
+
+def _weights_path(out: Path, label: str, variant: str, size: int, seed: int) -> Path:
+    """Where a val-only run keeps its final backbone, so that once its recipe is chosen the test
+    split is measured on the same weights instead of training them again."""
+    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
+    return out / "weights" / f"{variant}-{size}px" / f"{name}-seed{seed}.pt"
+
+
+def _reusable(path: Path, args: list[str]) -> dict | None:
+    """The saved weights at ``path`` if they were trained with exactly ``args`` on the
+    ``dclr_dist`` this process runs (same tree, nothing uncommitted), else None."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    return saved if saved["row"]["overrides"] == args and saved["tree"] == _tree() != "" else None
+
+
+def _tree() -> str:
+    """The git tree of the ``dclr_dist`` this process imported; "" when it has uncommitted changes."""
+    return "" if _git("status", "--porcelain", "--", "dclr_dist") else _git("rev-parse", "HEAD:dclr_dist")
 
 
 def measure(f, cfg, shards: dict, splits: tuple[str, ...]) -> dict:
@@ -234,17 +278,23 @@ def _label(method: str, extra: list[str], steps: int) -> str:
     return " ".join([method, *extra, *([f"--steps {steps}"] if steps != STEPS else [])])
 
 
-def _commit() -> str:
-    """The commit of the ``dclr_dist`` this process imported, which an editable install may
+def _dclr_dist_root() -> Path:
+    """The checkout of the ``dclr_dist`` this process imported, which an editable install may
     have taken from another checkout than the one this file is in."""
     import dclr_dist
 
-    root = Path(dclr_dist.__file__).resolve().parents[1]
+    return Path(dclr_dist.__file__).resolve().parents[1]
 
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "dclr_dist") else "")
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=_dclr_dist_root(), capture_output=True, text=True).stdout.strip()
+
+
+def _commit() -> str:
+    """The commit of the ``dclr_dist`` this process imported."""
+    dirty = _git("status", "--porcelain", "--", "dclr_dist")
+    commit = _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    root = _dclr_dist_root()
     return commit if root == REPO else f"{commit} ({root})"
 
 
@@ -283,7 +333,7 @@ def main() -> int:
         shards = {variant: corpus(out, variant, args.size) for variant in args.variants}
         # Seed by seed across the variants, so that a benchmark stopped early has a whole table.
         specs = [
-            (variant, m, s, args.steps, args.size, shards[variant], args.overrides, splits)
+            (variant, m, s, args.steps, args.size, shards[variant], args.overrides, splits, out)
             for s in args.seeds
             for variant in args.variants
             for m in args.methods

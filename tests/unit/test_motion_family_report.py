@@ -71,3 +71,24 @@ def test_a_longer_run_is_paired_with_the_baseline_trained_as_long(tmp_path):
     assert f"{longer} - baseline --steps {2 * mf.STEPS}, test linear probe: seed 0 +25.0; mean +25.0" in text
     assert f"{longer} - baseline," not in text
     assert f"baseline --steps {2 * mf.STEPS} - baseline" not in text
+
+
+def test_saved_weights_are_reused_only_for_the_same_run_on_the_same_code(tmp_path, monkeypatch):
+    import torch
+
+    # a val-only run's weights, measured on the test split once its recipe is chosen
+    monkeypatch.setattr(mf, "_tree", lambda: "tree-a")
+    args = ["train.seed=0", "loss.w_s=0"]
+    path = mf._weights_path(tmp_path, "DCLR loss.w_s=0 --steps 1920", "hard", 48, 0)
+    assert path.name == "DCLR_loss.w_s_0_--steps_1920-seed0.pt"
+    assert mf._reusable(path, args) is None  # nothing saved
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "row": {"overrides": args}, "tree": "tree-a"}, path)
+    assert torch.equal(mf._reusable(path, args)["state_dict"]["w"], torch.ones(2))
+    assert mf._reusable(path, ["train.seed=1", "loss.w_s=0"]) is None  # another run
+    monkeypatch.setattr(mf, "_tree", lambda: "tree-b")
+    assert mf._reusable(path, args) is None  # dclr_dist changed since
+    # uncommitted changes: no tree to compare, so nothing is reused
+    monkeypatch.setattr(mf, "_tree", lambda: "")
+    torch.save({"state_dict": {}, "row": {"overrides": args}, "tree": ""}, path)
+    assert mf._reusable(path, args) is None
